@@ -1,0 +1,112 @@
+"""`persona-etl`: the command line of persona-etl. Each verb is a thin call into a plain function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from persona_tasks.config import load_settings
+from persona_tasks.errors import PersonaEtlError
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from persona_tasks.ingest import ingest_files
+
+    settings = load_settings()
+    report = ingest_files(settings, args.format, [Path(p) for p in args.paths], source=args.source)
+    for f in report.files:
+        if f.skipped:
+            print(f"{f.file}: already ingested in batch {f.batch_id}: adds nothing")
+        else:
+            print(
+                f"{f.file}: rows read {f.rows_read}, accepted {f.rows_accepted}, rejected {f.rows_rejected}"
+                f" (events: {f.events_new} new, {f.events_duplicate} already present)"
+            )
+    t = report.totals()
+    print(f"total: rows read {t.rows_read}, accepted {t.rows_accepted}, rejected {t.rows_rejected}")
+    if t.rows_rejected:
+        print("rejected rows are kept with file, line, field and reason in raw.events_rejected")
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from persona_tasks.dbt_runner import build
+
+    settings = load_settings()
+    build(settings, full_refresh=args.full_refresh, select=args.select)
+    return 0
+
+
+def _cmd_sql(args: argparse.Namespace) -> int:
+    from persona_tasks.warehouse import connect_read_only
+
+    settings = load_settings()
+    import polars as pl
+
+    with connect_read_only(settings) as con:
+        df = con.execute(args.query).pl()
+    if args.format == "csv":
+        sys.stdout.write(df.write_csv())
+    elif args.format == "json":
+        sys.stdout.write(df.write_ndjson())
+    else:
+        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
+            print(df)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="persona-etl",
+        description="Turn raw user behaviour logs into evidence-grounded personas. "
+        "Settings: persona_etl.toml (or $PERSONA_ETL_CONFIG) and PERSONA_ETL_* environment variables; "
+        "the warehouse is $PERSONA_ETL_WAREHOUSE.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", help="load raw log files into raw.events (bad rows go to raw.events_rejected)",
+                       description="Load raw log files into raw.events. Rows that break the contract go to "
+                       "raw.events_rejected with file, line, field and reason. Re-ingesting a file adds nothing.")
+    p.add_argument("--format", required=True, choices=["aol", "movielens", "merrec", "events"],
+                   help="input layout: aol (AOL query log, .txt/.gz), movielens (ratings.csv [+ movies.csv, tags.csv] "
+                   "or their folder), merrec (Mercari MerRec parquet), events (CSV/Parquet/JSONL with the column "
+                   "mapping in [ingest.events])")
+    p.add_argument("--source", default=None, help="source name stored with each event (default: the format)")
+    p.add_argument("paths", nargs="+", help="files (or, for movielens, a folder) to ingest")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("build", help="run the dbt build (staging -> sessions -> intent memories) on the warehouse",
+                       description="Run `dbt build` of dbt_project against the configured warehouse: models and "
+                       "their tests. Incremental by event day unless --full-refresh.")
+    p.add_argument("--full-refresh", action="store_true", help="rebuild incremental models from scratch")
+    p.add_argument("--select", default=None, help="dbt node selection (default: everything)")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("sql", help="run a read-only SQL query on the warehouse and print the result",
+                       description="Run one read-only SQL query against the warehouse and print the result.")
+    p.add_argument("query", help='for example: "SELECT * FROM marts.intent_memories LIMIT 5"')
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+    p.add_argument("--max-rows", type=int, default=50, help="rows shown in table format")
+    p.set_defaults(func=_cmd_sql)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (PersonaEtlError, FileNotFoundError) as exc:
+        print(f"persona-etl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
