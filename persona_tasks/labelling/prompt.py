@@ -1,0 +1,124 @@
+"""The labelling prompt (shared with the DPO trainer): ``build_prompt(cluster, tokenizer, cfg) -> PromptSpec``.
+
+The cluster's most representative memories (by centrality) are shown under short local ids ``m1..mK``
+(mapped back to memory ids), each cut to ``memory_max_tokens`` and all within ``prompt_max_tokens`` for the
+whole prompt. One worked example (a different topic) fixes the three-line answer format, and the
+assistant turn is pre-filled with ``Label:`` so that even a very small model starts in the format.
+The completion to parse (or to train on) is ``prefill + generated text``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from persona_tasks.config import LabellingSettings
+from persona_tasks.labelling.text import scrub_pii
+from persona_tasks.labelling.types import ClusterInput
+
+SYSTEM_PROMPT = (
+    "You describe a person from their online activity. Use only what the memories show: "
+    "never invent a job, brand, age, place or name. Answer in exactly three lines:\n"
+    "Label: a short persona label, at most 8 words\n"
+    "Description: one to three sentences about what they are doing\n"
+    "Evidence: the ids of the memories you used, like m1, m2"
+)
+EXAMPLE_MEMORIES = (
+    "m1: searched: tomato seedlings; clicked: gardeners.com\n"
+    "m2: searched: weather tomorrow\n"
+    "m3: searched: when to plant tomatoes\n"
+    "m4: viewed: raised garden bed kit"
+)
+EXAMPLE_ANSWER = (
+    "Label: Vegetable gardener planting tomatoes\n"
+    "Description: Plans a vegetable garden. Looks up tomato seedlings, planting times and a raised bed.\n"
+    "Evidence: m1, m3, m4"
+)
+# phrases of the prompt itself: an answer holding one copied the prompt
+PROMPT_PHRASES = ("Vegetable gardener planting tomatoes", "persona label", "at most 8 words",
+                  "one to three sentences", "ids of the memories", "what they are doing")
+# words of the example's topic: in an answer they are copied from the example (unless the memories have them)
+EXAMPLE_TOPIC_WORDS = ("tomato", "tomatoes", "seedling", "seedlings", "garden", "gardener", "gardening",
+                       "vegetable", "vegetables", "planting", "raised")
+PREFILL = "Label:"
+PROMPT_VERSION = "p2"
+
+
+@dataclass
+class PromptSpec:
+    """A built prompt. ``text`` is what the model is fed (chat template applied, ``prefill`` at the end)."""
+
+    user_id: str
+    cluster_id: str
+    messages: list[dict[str, str]]
+    text: str
+    prefill: str
+    local_ids: dict[str, str]  # "m1" -> memory_id (only the memories shown)
+    shown_texts: list[str] = field(default_factory=list)  # the (scrubbed, cut) memory texts shown
+    n_tokens: int = 0
+
+
+def _user_message(lines: list[str]) -> str:
+    return "Memories:\n" + "\n".join(lines) + "\nWrite the persona."
+
+
+def _messages(lines: list[str]) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": _user_message(EXAMPLE_MEMORIES.split("\n"))},
+        {"role": "assistant", "content": EXAMPLE_ANSWER},
+        {"role": "user", "content": _user_message(lines)},
+    ]
+
+
+def render(messages: list[dict[str, str]], tokenizer: Any, prefill: str = PREFILL) -> str:
+    """Chat template (or a plain fallback for tokenizers without one) plus the assistant pre-fill."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant: "
+    return text + prefill
+
+
+def count_tokens(text: str, tokenizer: Any) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _cut(text: str, tokenizer: Any, max_tokens: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    return tokenizer.decode(ids[: max(1, max_tokens - 1)], skip_special_tokens=True).rstrip() + "…"
+
+
+def build_prompt(cluster: ClusterInput, tokenizer: Any, cfg: LabellingSettings) -> PromptSpec:
+    """The labelling prompt for one cluster; at least one memory is always shown."""
+    overhead = count_tokens(render(_messages([]), tokenizer), tokenizer)
+    budget = cfg.prompt_max_tokens - overhead
+    lines: list[str] = []
+    local_ids: dict[str, str] = {}
+    shown: list[str] = []
+    used = 0
+    for pos in cluster.by_centrality()[: cfg.max_memories]:
+        k = len(lines) + 1
+        text = " ".join(scrub_pii(cluster.memory_texts[pos]).split()) or "(empty)"
+        text = _cut(text, tokenizer, cfg.memory_max_tokens)
+        line = f"m{k}: {text}"
+        n = count_tokens(line + "\n", tokenizer)
+        if used + n > budget:
+            if lines:
+                break
+            # even the most central memory does not fit: show a shortened one
+            text = _cut(text, tokenizer, max(8, budget - 4))
+            line = f"m{k}: {text}"
+            n = count_tokens(line + "\n", tokenizer)
+        lines.append(line)
+        local_ids[f"m{k}"] = cluster.memory_ids[pos]
+        shown.append(text)
+        used += n
+    messages = _messages(lines)
+    text = render(messages, tokenizer)
+    return PromptSpec(
+        user_id=cluster.user_id, cluster_id=cluster.cluster_id, messages=messages, text=text, prefill=PREFILL,
+        local_ids=local_ids, shown_texts=shown, n_tokens=count_tokens(text, tokenizer),
+    )

@@ -1,0 +1,83 @@
+"""Text helpers shared by the labellers: PII scrubbing, word tokenisation, stop words, grounding.
+
+``memory_text`` is PII-masked upstream (staging); the scrubber here is a second line of defence applied
+to text that reaches a model and, above all, to every label and description before it is published.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
+# phone numbers: optional +country, digits with separators, at least 7 digits in all
+_PHONE = re.compile(r"(?<![\w])(?:\+\d{1,3}[\s.\-]?)?(?:\(\d{2,4}\)[\s.\-]?)?\d{2,4}(?:[\s.\-]\d{2,4}){1,4}(?![\w])")
+_LONG_DIGITS = re.compile(r"\d{6,}")
+_URL_QUERY = re.compile(r"(https?://[^\s?#;]+|\b[\w\-]+(?:\.[\w\-]+)+/[^\s?#;]*)[?#][^\s;]*")
+
+
+def _phone_sub(m: re.Match[str]) -> str:
+    return "[phone]" if sum(ch.isdigit() for ch in m.group(0)) >= 7 else m.group(0)
+
+
+def scrub_pii(text: str) -> str:
+    """Mask e-mail addresses, phone numbers, digit runs of 6+ and URL query strings."""
+    if not text:
+        return text
+    text = _EMAIL.sub("[email]", text)
+    text = _URL_QUERY.sub(r"\1", text)
+    text = _PHONE.sub(_phone_sub, text)
+    return _LONG_DIGITS.sub("[number]", text)
+
+
+# words of the memory_text format ("searched: ...; clicked: ...; rated 4.5: ...") and of the web
+FORMAT_WORDS = frozenset(
+    """searched search searches clicked click clicks viewed view views liked like likes carted cart
+    added offer offered checkout checked purchased purchase bought rated rating tagged tag www com org net
+    http https html htm php asp aspx index email phone number co uk io de fr ca au edu gov""".split()
+)
+STOP_WORDS = frozenset(ENGLISH_STOP_WORDS) | FORMAT_WORDS
+
+# words that say what kind of persona it is rather than what it is about: they ground nothing
+GENERIC_PERSONA_WORDS = frozenset(
+    """user users person people someone individual persona personas enthusiast enthusiasts lover lovers fan fans
+    interested interest interests shopper shoppers buyer buyers seeker seekers researcher planner hobbyist
+    explorer curious activity activities memories memory cluster topic topics various mixed general
+    often frequently mostly mainly likes enjoys looking looks searching browsing browses regularly""".split()
+)
+
+# words start with a letter at a word start ("256gb" is no word, "gb" inside it neither)
+_WORD = re.compile(r"(?<![A-Za-z0-9])(?:[A-Za-z][A-Za-z0-9'&+\-]*[A-Za-z0-9]|[A-Za-z])")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens (letters first; digits-only tokens are dropped)."""
+    return [w.lower().strip("'") for w in _WORD.findall(text or "")]
+
+
+def content_words(text: str) -> list[str]:
+    return [w for w in words(text) if len(w) >= 3 and w not in STOP_WORDS and w not in GENERIC_PERSONA_WORDS]
+
+
+def _stem(w: str) -> str:
+    return w[:5]
+
+
+def grounded_words(text: str, memory_texts: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Split the content words of ``text`` into those found in the memories (5-letter prefix match) and not."""
+    vocab = {_stem(w) for t in memory_texts for w in words(t)}
+    vocab |= {_stem(p) for t in memory_texts for w in words(t) for p in re.split(r"[\-.&+]", w) if p}
+    found, missing = [], []
+    for w in content_words(text):
+        parts = [w] + [p for p in re.split(r"[\-.&+']", w) if len(p) >= 3 and p not in STOP_WORDS]
+        (found if any(_stem(p) in vocab for p in parts) else missing).append(w)
+    return found, missing
+
+
+def grounding_score(text: str, memory_texts: Iterable[str]) -> float:
+    """Share of the content words of ``text`` that occur in the memories (1.0 when it has none)."""
+    found, missing = grounded_words(text, list(memory_texts))
+    n = len(found) + len(missing)
+    return len(found) / n if n else 1.0

