@@ -40,13 +40,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
-    from persona_tasks.warehouse import connect_read_only
+    from persona_tasks.warehouse import connect_read_only, query_pl
 
     settings = load_settings()
     import polars as pl
 
     with connect_read_only(settings) as con:
-        df = con.execute(args.query).pl()
+        df = query_pl(con, args.query)
     if args.format == "csv":
         sys.stdout.write(df.write_csv())
     elif args.format == "json":

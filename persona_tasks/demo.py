@@ -23,7 +23,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from persona_tasks.dbt_runner import build
     from persona_tasks.ingest import ingest_files
-    from persona_tasks.warehouse import connect_read_only
+    from persona_tasks.warehouse import connect_read_only, query_pl, query_row
 
     settings = load_settings()
     sample = settings.project_dir / "data" / "aol" / "aol_sample.tsv.gz"
@@ -34,10 +34,9 @@ def main() -> None:
           + (" (already ingested: nothing added)" if all(f.skipped for f in report.files) else ""))
     build(settings)
     with connect_read_only(settings) as con:
-        n_mem, n_users, n_events = con.execute(
-            "SELECT count(*), count(DISTINCT user_id), sum(n_actions) FROM marts.intent_memories"
-        ).fetchone()
-        example = con.execute(EXAMPLE_SQL).pl()
+        n_mem, n_users, n_events = query_row(
+            con,             "SELECT count(*), count(DISTINCT user_id), sum(n_actions) FROM marts.intent_memories")
+        example = query_pl(con, EXAMPLE_SQL)
     print(f"\nintent memories: {n_mem} for {n_users} users from {n_events} events "
           f"({time.perf_counter() - t0:.1f}s)")
     print(f"warehouse: {settings.warehouse}")

@@ -22,7 +22,7 @@ import polars as pl
 from persona_tasks.config import Settings
 from persona_tasks.errors import PersonaEtlError
 from persona_tasks.publish import PublishReport, publish_run, stage_run
-from persona_tasks.warehouse import connect
+from persona_tasks.warehouse import connect, query_pl, query_row
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ class InduceReport:
 
 
 def latest_event_date(con: duckdb.DuckDBPyConnection) -> date:
-    row = con.execute("SELECT max(event_date) FROM marts.intent_memories").fetchone()
-    if row is None or row[0] is None:
+    row = query_row(con, "SELECT max(event_date) FROM marts.intent_memories")
+    if not row or row[0] is None:
         raise PersonaEtlError("marts.intent_memories is empty: ingest and `persona-etl build` first")
     return row[0]
 
@@ -77,8 +77,8 @@ def cluster_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: d
 
 def load_cluster_inputs(con: duckdb.DuckDBPyConnection, users: list[str] | None = None) -> pl.DataFrame:
     """One row per stored (user, cluster): memory ids, texts and centrality, most central first."""
-    df = con.execute(
-        """
+    df = query_pl(
+        con, """
         SELECT c.user_id, c.cluster_id, list(c.memory_id ORDER BY c.centrality DESC, c.memory_id) AS memory_ids,
                list(m.memory_text ORDER BY c.centrality DESC, c.memory_id) AS memory_texts,
                list(c.centrality ORDER BY c.centrality DESC, c.memory_id) AS centrality
@@ -86,8 +86,7 @@ def load_cluster_inputs(con: duckdb.DuckDBPyConnection, users: list[str] | None 
         WHERE c.cluster_id IS NOT NULL
         GROUP BY c.user_id, c.cluster_id
         ORDER BY c.user_id, c.cluster_id
-        """
-    ).pl()
+        """)
     if users is not None:
         df = df.filter(pl.col("user_id").is_in(users))
     return df
@@ -173,10 +172,9 @@ def label_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: dat
         "embedding": pl.Series([v for v in pvec], dtype=pl.List(pl.Float32)),
     })
     n_users = personas["user_id"].n_unique()
-    n_mem_total = con.execute(
-        "SELECT count(*) FROM personas.memory_clusters WHERE user_id IN (SELECT * FROM (SELECT unnest($u)))",
-        {"u": personas["user_id"].unique().to_list()},
-    ).fetchone()[0]
+    n_mem_total = query_row(
+        con, "SELECT count(*) FROM personas.memory_clusters WHERE user_id IN (SELECT * FROM (SELECT unnest($u)))",
+        {"u": personas["user_id"].unique().to_list()})[0]
     report.n_users, report.n_personas = n_users, personas.height
     report.n_memories = max(report.n_memories, n_mem_total)
     report.coverage = evidence.height / n_mem_total if n_mem_total else 0.0
@@ -204,10 +202,9 @@ def induce(settings: Settings, labeller: str = "extractive", users: list[str] | 
         run_date = run_date or latest_event_date(con)
         report = InduceReport(run_date=run_date, run_id=f"{run_date.isoformat()}-{labeller}")
         t = time.perf_counter()
-        memories = con.execute(
-            "SELECT memory_id, user_id, memory_text FROM marts.intent_memories WHERE started_at < $end",
-            {"end": _day_end(run_date)},
-        ).pl()
+        memories = query_pl(
+            con, "SELECT memory_id, user_id, memory_text FROM marts.intent_memories WHERE started_at < $end",
+            {"end": _day_end(run_date)})
         if users is not None:
             memories = memories.filter(pl.col("user_id").is_in(users))
             if memories.is_empty():

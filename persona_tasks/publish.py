@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 
 from persona_tasks.config import Settings
-from persona_tasks.warehouse import transaction
+from persona_tasks.warehouse import query_pl, query_row, transaction
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,8 @@ def stage_run(con: duckdb.DuckDBPyConnection, run_date: date, personas: pl.DataF
 def publish_run(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date) -> PublishReport:
     """Move the staged rows of ``run_date`` into the published tables and relabel that day's topics, atomically."""
     ensure_schema(con)
-    staged = con.execute("SELECT count(*) FROM personas.staged_personas WHERE run_date = $d", {"d": run_date})
-    if staged.fetchone()[0] == 0:
+    staged = query_row(con, "SELECT count(*) FROM personas.staged_personas WHERE run_date = $d", {"d": run_date})
+    if staged[0] == 0:
         from persona_tasks.errors import PersonaEtlError
 
         raise PersonaEtlError(f"nothing staged for run date {run_date}: run `persona-etl induce` first")
@@ -168,11 +168,9 @@ def publish_run(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: da
         n_topics = _assign_topics(settings, con, run_date)
         con.execute("UPDATE personas.induction_runs SET published_at = now()::TIMESTAMP "
                     "WHERE run_date = $d AND published_at IS NULL", {"d": run_date})
-        n_p, n_u = con.execute(
-            "SELECT count(*), count(DISTINCT user_id) FROM personas.personas WHERE run_date = $d", {"d": run_date}
-        ).fetchone()
-        n_e = con.execute("SELECT count(*) FROM personas.persona_evidence WHERE run_date = $d",
-                          {"d": run_date}).fetchone()[0]
+        n_p, n_u = query_row(
+            con,             "SELECT count(*), count(DISTINCT user_id) FROM personas.personas WHERE run_date = $d", {"d": run_date})
+        n_e = query_row(con, "SELECT count(*) FROM personas.persona_evidence WHERE run_date = $d", {"d": run_date})[0]
     report = PublishReport(run_date, n_p, n_e, n_u, n_topics)
     log.info("publish: %s", report)
     return report
@@ -183,11 +181,10 @@ def _assign_topics(settings: Settings, con: duckdb.DuckDBPyConnection, run_date:
     from persona_tasks.embed import embeddings_to_numpy
     from persona_tasks.labelling import ClusterInput, ExtractiveLabeller
 
-    rows = con.execute(
-        "SELECT p.persona_id, p.user_id, p.label, p.description, e.embedding FROM personas.personas p "
+    rows = query_pl(
+        con, "SELECT p.persona_id, p.user_id, p.label, p.description, e.embedding FROM personas.personas p "
         "JOIN personas.persona_embeddings e USING (persona_id, run_date) WHERE p.run_date = $d "
-        "ORDER BY p.persona_id", {"d": run_date},
-    ).pl()
+        "ORDER BY p.persona_id", {"d": run_date})
     con.execute("DELETE FROM personas.persona_topics WHERE run_date = $d", {"d": run_date})
     if rows.is_empty():
         return 0

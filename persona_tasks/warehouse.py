@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
+import polars as pl
 
 from persona_tasks.config import Settings
 
@@ -101,3 +102,15 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
         con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
+
+
+def query_pl(con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None) -> pl.DataFrame:
+    """A query's result as a polars frame (over Arrow). DuckDB 2.0's ``execute`` has no ``.pl()``."""
+    return con.sql(sql, params=params).pl() if params else con.sql(sql).pl()
+
+
+def query_row(con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None) -> tuple:
+    """The first row of a query (the whole result is fetched: DuckDB 2.0 refuses new work on a connection
+    while an ``execute`` result is only partly read)."""
+    rows = con.execute(sql, params).fetchall() if params else con.execute(sql).fetchall()
+    return rows[0] if rows else ()

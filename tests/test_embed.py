@@ -1,0 +1,181 @@
+"""Embeddings: real MiniLM forward passes, stored per (memory_id, model_version), incremental runs."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from persona_tasks import embed as E
+from persona_tasks.config import load_settings
+from persona_tasks.warehouse import connect
+
+TEXTS = {
+    "m1": "searched: best espresso machine under 1000; viewed: Breville espresso machine",
+    "m2": "searched: breville barista express vs gaggia classic pro",
+    "m3": "searched: marathon training plan 16 weeks; clicked: runnersworld.com",
+    "m4": "searched: best espresso machine under 1000; viewed: Breville espresso machine",  # same text as m1
+    "m5": "viewed: Hoka running shoes; searched: half marathon pace chart",
+}
+
+
+@pytest.fixture(scope="module")
+def embedder() -> E.SentenceTransformerEmbedder:
+    return E.SentenceTransformerEmbedder(batch_size=8, threads=1)
+
+
+@pytest.fixture
+def settings(tmp_path: Path):
+    return load_settings(warehouse=tmp_path / "w.duckdb", threads=1)
+
+
+def memories(ids: list[str], texts: dict[str, str] = TEXTS) -> pl.DataFrame:
+    return pl.DataFrame({"memory_id": ids, "memory_text": [texts[i] for i in ids]})
+
+
+def stored(con) -> pl.DataFrame:
+    return con.sql(
+        "SELECT memory_id, model_version, text_md5, embedding, embedded_at FROM personas.memory_embeddings "
+        "ORDER BY memory_id"
+    ).pl()
+
+
+class CountingEmbedder:
+    """Wraps an embedder and records what was sent through the model."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls: list[list[str]] = []
+
+    @property
+    def model_version(self) -> str:
+        return self.inner.model_version
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    def encode(self, texts):
+        self.calls.append(list(texts))
+        return self.inner.encode(texts)
+
+    @property
+    def n_texts(self) -> int:
+        return sum(len(c) for c in self.calls)
+
+
+def test_model_version_names_and_fingerprints_the_model(embedder):
+    v = embedder.model_version
+    assert v.startswith("all-MiniLM-L6-v2@") and len(v.split("@")[1]) == 12
+    assert E.model_version_of(E.default_model_path()) == v  # stable
+    assert embedder.dim == 384
+
+
+def test_real_embeddings_are_normalised_and_semantic(embedder):
+    x = embedder.encode([TEXTS["m1"], TEXTS["m2"], TEXTS["m3"]])
+    assert x.shape == (3, 384) and x.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    assert x[0] @ x[1] > x[0] @ x[2] + 0.2  # espresso vs espresso beats espresso vs marathon
+
+
+def test_stored_by_memory_and_model_version_and_second_run_embeds_nothing(settings, embedder):
+    counting = CountingEmbedder(embedder)
+    with connect(settings) as con:
+        r1 = E.embed_memories(settings, con, memories(["m1", "m2", "m3", "m4"]), counting)
+        assert (r1.n_memories, r1.n_up_to_date, r1.n_reused, r1.n_encoded) == (4, 0, 0, 4)
+        assert r1.n_texts_encoded == 3  # m1 and m4 share a text: encoded once
+        df = stored(con)
+        assert df["memory_id"].to_list() == ["m1", "m2", "m3", "m4"]
+        assert set(df["model_version"]) == {embedder.model_version}
+        assert df["text_md5"][0] == hashlib.md5(TEXTS["m1"].encode()).hexdigest()
+        x = E.embeddings_to_numpy(df["embedding"])
+        assert x.shape == (4, 384)
+        np.testing.assert_allclose(x[0], x[3])
+        np.testing.assert_allclose(x[0], embedder.encode([TEXTS["m1"]])[0], atol=1e-5)
+
+        n_calls = counting.n_texts
+        r2 = E.embed_memories(settings, con, memories(["m1", "m2", "m3", "m4"]), counting)
+        assert (r2.n_up_to_date, r2.n_new) == (4, 0)
+        assert counting.n_texts == n_calls  # nothing went through the model
+        assert stored(con).equals(df)
+
+
+def test_daily_run_embeds_only_new_and_changed_memories(settings, embedder):
+    counting = CountingEmbedder(embedder)
+    with connect(settings) as con:
+        E.embed_memories(settings, con, memories(["m1", "m2", "m3"]), counting)
+        before = stored(con)
+        counting.calls.clear()
+        changed = dict(TEXTS, m2="searched: sourdough starter feeding schedule")
+        r = E.embed_memories(settings, con, memories(["m1", "m2", "m3", "m4", "m5"], changed), counting)
+        # m4 has m1's text: copied, not encoded; m2's text changed: re-embedded; m5 new
+        assert (r.n_up_to_date, r.n_reused, r.n_encoded) == (2, 1, 2)
+        assert sorted(t for c in counting.calls for t in c) == sorted([changed["m2"], TEXTS["m5"]])
+        after = stored(con)
+        assert after.height == 5
+        keep = ["m1", "m3"]
+        assert after.filter(pl.col("memory_id").is_in(keep)).equals(before.filter(pl.col("memory_id").is_in(keep)))
+        new_m2 = after.filter(pl.col("memory_id") == "m2")
+        assert new_m2["text_md5"][0] == hashlib.md5(changed["m2"].encode()).hexdigest()
+
+
+def test_small_chunks_give_the_same_rows(settings, embedder, tmp_path):
+    small = load_settings(warehouse=tmp_path / "small.duckdb", threads=1, embedding={"write_chunk": 1})
+    ids = ["m1", "m2", "m3", "m4", "m5"]
+    with connect(settings) as con, connect(small) as con_small:
+        E.embed_memories(settings, con, memories(ids), embedder)
+        r = E.embed_memories(small, con_small, memories(ids), embedder)
+        assert r.n_encoded == 5
+        a, b = stored(con), stored(con_small)
+        assert a.select("memory_id", "text_md5").equals(b.select("memory_id", "text_md5"))
+        np.testing.assert_allclose(E.embeddings_to_numpy(a["embedding"]), E.embeddings_to_numpy(b["embedding"]),
+                                   atol=1e-5)
+
+
+def test_embeds_marts_intent_memories_by_default(settings, embedder):
+    with connect(settings) as con:
+        with pytest.raises(E.EmbeddingError, match="persona-etl build"):
+            E.embed_memories(settings, con, embedder=embedder)
+        con.execute("CREATE SCHEMA marts")
+        con.execute("CREATE TABLE marts.intent_memories (memory_id VARCHAR, user_id VARCHAR, memory_text VARCHAR)")
+        con.execute("INSERT INTO marts.intent_memories VALUES ('m1', 'u1', $a), ('m3', 'u1', $b)",
+                    {"a": TEXTS["m1"], "b": TEXTS["m3"]})
+        r = E.embed_memories(settings, con, embedder=embedder)
+        assert (r.n_memories, r.n_encoded) == (2, 2)
+        loaded = E.load_embeddings(con, embedder.model_version, ["m3"])
+        assert loaded["memory_id"].to_list() == ["m3"]
+
+
+def test_other_model_version_gets_its_own_rows(settings, embedder):
+    class Renamed(CountingEmbedder):
+        @property
+        def model_version(self) -> str:
+            return "other-model@000000000000"
+
+    with connect(settings) as con:
+        E.embed_memories(settings, con, memories(["m1"]), embedder)
+        r = E.embed_memories(settings, con, memories(["m1"]), Renamed(embedder))
+        assert r.n_encoded == 1
+        versions = con.sql("SELECT model_version FROM personas.memory_embeddings ORDER BY 1").fetchall()
+        assert [v[0] for v in versions] == sorted([embedder.model_version, "other-model@000000000000"])
+
+
+def test_configurable_model_dir_and_bad_dir(tmp_path: Path):
+    s = load_settings(warehouse=tmp_path / "w.duckdb", embedding={"model_path": str(E.default_model_path())})
+    assert E.resolve_model_path(s) == E.default_model_path()
+    bad = load_settings(warehouse=tmp_path / "w.duckdb", embedding={"model_path": str(tmp_path)})
+    with pytest.raises(E.EmbeddingError, match="not a sentence-transformers model directory"):
+        E.SentenceTransformerEmbedder.from_settings(bad)
+
+
+def test_embeddings_to_numpy_handles_list_and_array_columns():
+    m = np.arange(12, dtype=np.float32).reshape(4, 3)
+    as_list = pl.Series("e", m.tolist(), dtype=pl.List(pl.Float32))
+    as_array = pl.Series("e", m, dtype=pl.Array(pl.Float32, 3))
+    np.testing.assert_array_equal(E.embeddings_to_numpy(as_list), m)
+    np.testing.assert_array_equal(E.embeddings_to_numpy(as_array), m)
+    with pytest.raises(E.EmbeddingError):
+        E.embeddings_to_numpy(pl.Series("e", [[1.0, 2.0], [1.0]]))
