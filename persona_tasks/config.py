@@ -61,6 +61,12 @@ class DbtSettings(BaseModel):
     project_dir: Path = PROJECT_DIR / "dbt_project"
     profiles_dir: Path = PROJECT_DIR / "dbt_project"
     target_path: Path | None = None  # default: dbt_project/target
+
+    @field_validator("project_dir", "profiles_dir", "target_path", mode="after")
+    @classmethod
+    def _under_project(cls, v: Path | None) -> Path | None:
+        # relative dbt paths are relative to the project, so a config file works from any directory
+        return v if v is None or v.is_absolute() else PROJECT_DIR / v
     threads: int = 1
 
 
