@@ -155,6 +155,48 @@ class TopicsSettings(BaseModel):
     join_min_similarity: float = 0.5
 
 
+class QualitySettings(BaseModel):
+    """Persona quality scores (``persona_tasks.quality``; formulas and calibration in docs/quality.md)."""
+
+    # objective = weighted mean of the three scores (weights are normalised by their sum)
+    objective_weights: dict[str, float] = Field(
+        default_factory=lambda: {"cohesion": 0.2, "alignment": 0.4, "truthfulness": 0.4})
+    # alignment = auc_weight * ROC-AUC(own cluster vs the user's other memories) + (1 - auc_weight) * centroid cosine
+    # (0.25: best or within 0.005 of best of 0/0.25/0.5/0.75/1 on synthetic and AOL data, docs/quality.md)
+    alignment_auc_weight: float = 0.25
+    # a claim is supported when its best cosine to an evidence memory is at least this: Youden's J of true claims
+    # vs claims of another user's persona (bench/calibrate_quality.py: 0.427 synthetic, 0.433 AOL sample, MiniLM)
+    claim_support_threshold: float = 0.43
+    # truthfulness is multiplied by (1 - penalty) per specific term (name, brand, number) absent from the evidence
+    specific_term_penalty: float = 0.5
+    # users scored per read / encode batch (bounds memory on large runs)
+    users_per_chunk: int = 5000
+
+    @field_validator("objective_weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = set(v) - {"cohesion", "alignment", "truthfulness"}
+        if unknown:
+            raise ValueError(f"unknown score(s) {sorted(unknown)}: use cohesion, alignment, truthfulness")
+        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError("weights must be non-negative with a positive sum")
+        return v
+
+    @field_validator("alignment_auc_weight", "specific_term_penalty", "claim_support_threshold")
+    @classmethod
+    def _unit(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return v
+
+    @field_validator("users_per_chunk")
+    @classmethod
+    def _chunk(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("must be a positive integer")
+        return v
+
+
 class Settings(BaseSettings):
     """Everything a persona-etl run needs to know about its deployment."""
 
@@ -177,6 +219,7 @@ class Settings(BaseSettings):
     clustering: ClusteringSettings = Field(default_factory=ClusteringSettings)
     labelling: LabellingSettings = Field(default_factory=LabellingSettings)
     topics: TopicsSettings = Field(default_factory=TopicsSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
 
     @field_validator("warehouse", "models_dir", mode="after")
     @classmethod

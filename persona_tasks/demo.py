@@ -61,7 +61,14 @@ def main() -> None:
     llm_users = int(os.environ.get("DEMO_LLM_USERS", "3"))
     print(f"\ninducing personas: LLM labeller ({settings.labelling.model_path or 'SmolLM2-135M-Instruct'}) for "
           f"{llm_users} sampled users, extractive for the others ...")
-    report = induce(settings, labeller="llm" if llm_users else "extractive", llm_max_users=llm_users)
+    # embedding every AOL memory (46k) takes ~20 min on 2 cores: the demo induces for a stable sample of users
+    n_users = int(os.environ.get("DEMO_USERS", "30"))
+    with connect_read_only(settings) as con:
+        users = query_pl(con, "SELECT DISTINCT user_id FROM marts.intent_memories ORDER BY md5(user_id) LIMIT $n",
+                         {"n": n_users})["user_id"].to_list()
+    print(f"(personas for a sample of {len(users)} users; DEMO_USERS=N to change)")
+    report = induce(settings, labeller="llm" if llm_users else "extractive", users=users,
+                    llm_max_users=llm_users)
     print(report.summary())
     if report.llm_stats:
         s = report.llm_stats

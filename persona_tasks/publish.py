@@ -204,7 +204,7 @@ def _assign_topics(settings: Settings, con: duckdb.DuckDBPyConnection, run_date:
         "persona_id", "user_id", (pl.col("label") + ". " + pl.col("description")).alias("text"))
     groups = groups.sort("topic_id")
     labels = ExtractiveLabeller(settings).label([
-        ClusterInput(user_id="__topics__", cluster_id=t, memory_ids=pids, memory_texts=texts)
+        ClusterInput(user_id="__topics__", cluster_id=t, memory_ids=list(pids), memory_texts=list(texts))
         for t, pids, texts in zip(groups["topic_id"], groups["persona_id"], groups["text"])
     ]) if groups.height else []
     topics = pl.DataFrame({

@@ -1,0 +1,105 @@
+{#- One row per intent memory: a compact, evidence-grounded account of what a user did in one session.
+
+    v1 rule: one memory per session (no splitting of interleaved intents yet; memory_id already carries an
+    ordinal so a later splitting rule keeps ids stable). Incremental by event day: a run rebuilds only the days
+    whose events changed since the last build (macro changed_event_dates) with delete+insert on event_date;
+    a full refresh gives the same rows, ids included.
+
+    The aggregation builds each session's actions as one list of structs and sorts it by position
+    (list_sort), which is much cheaper in DuckDB than several ordered aggregates (list(... order by ...)). -#}
+
+{{ config(
+    materialized='incremental',
+    incremental_strategy='delete+insert',
+    unique_key='event_date',
+    on_schema_change='fail',
+) }}
+
+-- depends_on: {{ ref('stg_events') }}
+-- depends_on: {{ source('raw', 'events') }}
+
+{%- set max_chars = var('memory_text_max_chars') | int %}
+{%- set days = changed_event_dates('n_actions') %}
+{%- if is_incremental() and execute %}
+    {{ log("intent_memories: " ~ (days | length) ~ " event day(s) to rebuild"
+           ~ ((": " ~ days[0] ~ " .. " ~ days[-1]) if days else ""), info=True) }}
+{%- endif %}
+
+with events as (
+
+    select
+        source,
+        user_id,
+        event_date,
+        session_index,
+        event_seq,
+        event_ts,
+        event_id,
+        event_type,
+        action_text
+    from {{ ref('int_sessions') }}
+    {%- if is_incremental() %}
+    where event_date in ({{ date_list(days) }})
+    {%- endif %}
+
+),
+
+sessions as (
+
+    select
+        source,
+        user_id,
+        event_date,
+        session_index,
+        min(event_ts) as started_at,
+        max(event_ts) as ended_at,
+        count(*) as n_actions,
+        list_sort(list(struct_pack(
+            seq := event_seq, event_id := event_id, event_type := event_type, action_text := action_text
+        ))) as actions
+    from events
+    group by source, user_id, event_date, session_index
+
+),
+
+summarised as (
+
+    select
+        *,
+        {{ session_id('source', 'user_id', 'started_at') }} as session_id,
+        list_transform(actions, lambda a: a.event_type) as types_in_order,
+        -- consecutive identical parts are written once
+        array_to_string(
+            list_transform(
+                list_filter(actions, lambda a, i: i = 1 or a.action_text is distinct from actions[i - 1].action_text),
+                lambda a: a.action_text
+            ),
+            '; '
+        ) as full_text
+    from sessions
+
+)
+
+select
+    {{ memory_id('session_id', 1) }} as memory_id,
+    user_id,
+    session_id,
+    event_date,
+    started_at,
+    ended_at,
+    cast(n_actions as integer) as n_actions,
+    -- distinct event types in order of first occurrence
+    list_transform(
+        list_sort(list_transform(
+            list_distinct(types_in_order),
+            lambda t: struct_pack(first_position := list_position(types_in_order, t), event_type := t)
+        )),
+        lambda x: x.event_type
+    ) as event_types,
+    case
+        when length(full_text) > {{ max_chars }} then left(full_text, {{ max_chars - 1 }}) || '…'
+        else full_text
+    end as memory_text,
+    list_transform(actions, lambda a: a.event_id) as event_ids,
+    source
+from summarised
