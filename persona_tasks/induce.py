@@ -75,18 +75,20 @@ def cluster_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: d
     return result
 
 
-def load_cluster_inputs(con: duckdb.DuckDBPyConnection, users: list[str] | None = None) -> pl.DataFrame:
-    """One row per stored (user, cluster): memory ids, texts and centrality, most central first."""
+def load_cluster_inputs(con: duckdb.DuckDBPyConnection, run_date: date,
+                        users: list[str] | None = None) -> pl.DataFrame:
+    """One row per stored (user, cluster): memory ids, texts and centrality, most central first (memories that
+    started before the end of ``run_date`` only: users with no memory up to that day keep older clusters)."""
     df = query_pl(
         con, """
         SELECT c.user_id, c.cluster_id, list(c.memory_id ORDER BY c.centrality DESC, c.memory_id) AS memory_ids,
                list(m.memory_text ORDER BY c.centrality DESC, c.memory_id) AS memory_texts,
                list(c.centrality ORDER BY c.centrality DESC, c.memory_id) AS centrality
         FROM personas.memory_clusters c JOIN marts.intent_memories m USING (memory_id)
-        WHERE c.cluster_id IS NOT NULL
+        WHERE c.cluster_id IS NOT NULL AND m.started_at < $end
         GROUP BY c.user_id, c.cluster_id
         ORDER BY c.user_id, c.cluster_id
-        """)
+        """, {"end": _day_end(run_date)})
     if users is not None:
         df = df.filter(pl.col("user_id").is_in(users))
     return df
@@ -110,7 +112,7 @@ def label_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: dat
     run_id = f"{run_date.isoformat()}-{labeller}"
     report = report or InduceReport(run_date=run_date, run_id=run_id)
     t0 = time.perf_counter()
-    frame = load_cluster_inputs(con, users)
+    frame = load_cluster_inputs(con, run_date, users)
     if frame.is_empty():
         raise PersonaEtlError(f"no clusters to label for run date {run_date}: run the cluster step first")
     clusters = [
