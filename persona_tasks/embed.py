@@ -29,7 +29,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -44,7 +43,7 @@ import pyarrow as pa
 from persona_tasks.config import Settings
 from persona_tasks.errors import PersonaEtlError
 from persona_tasks.progress import Progress, set_threads
-from persona_tasks.warehouse import connect
+from persona_tasks.warehouse import connect, transaction
 
 log = logging.getLogger(__name__)
 
@@ -209,17 +208,6 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(EMBEDDINGS_DDL)
 
 
-@contextmanager
-def _transaction(con: duckdb.DuckDBPyConnection):
-    con.execute("BEGIN TRANSACTION")
-    try:
-        yield
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
-
-
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -316,7 +304,7 @@ def _embed(settings: Settings, con: duckdb.DuckDBPyConnection, memories: pl.Data
     # 1) same text already embedded by this model version: copy the vector instead of encoding it again
     n_reused = 0
     if n_todo:
-        with _transaction(con):
+        with transaction(con):
             n_reused = _copy_identical_texts(con, version, now)
     n_encode = n_todo - n_reused
     # 2) encode the rest in chunks, one transaction per chunk
@@ -347,7 +335,7 @@ def _embed(settings: Settings, con: duckdb.DuckDBPyConnection, memories: pl.Data
                 "embedding": _list_array(vectors[idx]),
             })
             con.register("_embed_chunk", table)
-            with _transaction(con):
+            with transaction(con):
                 con.execute(f"DELETE FROM {EMBEDDINGS_TABLE} WHERE model_version = $v "
                             "AND memory_id IN (SELECT memory_id FROM _embed_chunk)", {"v": version})
                 con.execute(f"INSERT INTO {EMBEDDINGS_TABLE} SELECT memory_id, $v, text_md5, embedding::FLOAT[], "
