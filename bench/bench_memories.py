@@ -15,7 +15,8 @@ write them to Parquet, then time, each in a fresh Python subprocess (so peak RSS
   pandas          ``read_parquet`` of that export, vectorised sort / shift / cumsum / groupby (the hand-written way)
 
 All implementations compute, from raw.events (event_id, user_id, event_ts, event_type, item_id, text, source),
-the semantics of docs/ARCHITECTURE.md: per user, events ordered by (event_ts, event_id); a new session when the
+the semantics of docs/ARCHITECTURE.md: per user, events ordered by (event_ts, event-type rank, event_id), the rank
+putting a search before any other type at equal timestamps (dbt macro event_order_rank); a new session when the
 gap is strictly longer than ``session_gap_minutes`` or at a UTC midnight; one memory per session with user_id,
 session_id, started_at, ended_at, n_actions, event_types (distinct, first occurrence order), memory_text (one
 ``"<verb>: <text>"`` part per action with PII masked, consecutive duplicates collapsed, joined by ``"; "``, capped
@@ -74,6 +75,8 @@ VERBS = {
     "cart": "added to cart", "purchase": "purchased", "checkout": "checked out", "offer": "offered",
     "rating": "rated", "tag": "tagged",
 }
+# Tie-break of equal timestamps (dbt_project/macros/ordering.sql): a search (rank 0) before every other type (1).
+SEARCH_RANK, OTHER_RANK = 0, 1
 PII_MASKS = [
     (r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}", "[email]"),
     (r"\+?[0-9][0-9 ().-]{7,}[0-9]", "[phone]"),
@@ -94,14 +97,15 @@ def memories_sql(source: str, gap_minutes: int, max_chars: int) -> str:
         text = f"regexp_replace({text}, {_sql_str(pattern)}, {_sql_str(repl)}, 'g')"
     return f"""
 WITH ev AS (
-    SELECT event_id, user_id, event_ts, event_type, source, {verb} || ': ' || {text} AS part
+    SELECT event_id, user_id, event_ts, event_type, source, {verb} || ': ' || {text} AS part,
+        CASE WHEN event_type = 'search' THEN {SEARCH_RANK} ELSE {OTHER_RANK} END AS type_rank
     FROM {source}
 ), lagged AS (
     SELECT *,
         lag(event_ts) OVER w AS prev_ts,
         lag(part) OVER w AS prev_part
     FROM ev
-    WINDOW w AS (PARTITION BY user_id ORDER BY event_ts, event_id)
+    WINDOW w AS (PARTITION BY user_id ORDER BY event_ts, type_rank, event_id)
 ), flagged AS (
     SELECT *,
         prev_ts IS NULL
@@ -110,7 +114,7 @@ WITH ev AS (
     FROM lagged
 ), numbered AS (
     SELECT *,
-        sum(CAST(is_new AS INTEGER)) OVER (PARTITION BY user_id ORDER BY event_ts, event_id
+        sum(CAST(is_new AS INTEGER)) OVER (PARTITION BY user_id ORDER BY event_ts, type_rank, event_id
                                            ROWS UNBOUNDED PRECEDING) AS session_no
     FROM flagged
 ), grouped AS (
@@ -119,9 +123,9 @@ WITH ev AS (
         min(event_ts) AS started_at,
         max(event_ts) AS ended_at,
         CAST(count(*) AS INTEGER) AS n_actions,
-        list(event_id ORDER BY event_ts, event_id) AS event_ids,
-        list(event_type ORDER BY event_ts, event_id) AS all_types,
-        string_agg(part, '; ' ORDER BY event_ts, event_id)
+        list(event_id ORDER BY event_ts, type_rank, event_id) AS event_ids,
+        list(event_type ORDER BY event_ts, type_rank, event_id) AS all_types,
+        string_agg(part, '; ' ORDER BY event_ts, type_rank, event_id)
             FILTER (WHERE is_new OR part IS DISTINCT FROM prev_part) AS full_text,
         first(source) AS source
     FROM numbered
@@ -172,7 +176,8 @@ def run_polars(parquet: str, gap: int, max_chars: int) -> Any:
     return (
         pl.scan_parquet(parquet)
         .select(RAW_COLUMNS)
-        .sort("user_id", "event_ts", "event_id")
+        .with_columns(type_rank=pl.when(pl.col("event_type") == "search").then(SEARCH_RANK).otherwise(OTHER_RANK))
+        .sort("user_id", "event_ts", "type_rank", "event_id")
         .with_columns(part=part, new=new)
         .with_columns(
             keep=pl.col("new") | pl.col("part").ne_missing(pl.col("part").shift(1)),
@@ -203,10 +208,12 @@ def run_polars(parquet: str, gap: int, max_chars: int) -> Any:
 
 
 def run_pandas(parquet: str, gap: int, max_chars: int) -> Any:
+    import numpy as np
     import pandas as pd
 
     df = pd.read_parquet(parquet, columns=RAW_COLUMNS)
-    df = df.sort_values(["user_id", "event_ts", "event_id"], ignore_index=True)
+    df["type_rank"] = np.where(df["event_type"] == "search", SEARCH_RANK, OTHER_RANK)
+    df = df.sort_values(["user_id", "event_ts", "type_rank", "event_id"], ignore_index=True)
     text = df["text"].fillna(df["item_id"]).fillna("")
     for pattern, repl in PII_MASKS:
         text = text.str.replace(pattern, repl, regex=True)

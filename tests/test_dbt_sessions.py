@@ -1,6 +1,7 @@
 """Sessionisation and intent memories, on a hand-made raw.events built by one real `dbt build`.
 
-Edge cases: a gap of exactly the threshold, one second more, equal timestamps, interleaved users, rows inserted
+Edge cases: a gap of exactly the threshold, one second more, equal timestamps (a search before its same-second
+click, whatever the event ids), interleaved users, rows inserted
 out of order, the midnight cut, one user id in two sources, duplicate raw rows, PII masking, text normalisation,
 collapsed repeats, the length cap, and the session gap as a dbt var.
 """
@@ -26,11 +27,17 @@ def _rows() -> list[tuple]:
         make_event("gap", f"{D} 10:00:00", "search", "first"),
         make_event("gap", f"{D} 10:30:00", "search", "second"),
         make_event("gap", f"{D} 11:00:01", "search", "third"),
-        # equal timestamps: one session, ordered by event_id
+        # equal timestamps: one session, the search first, then the other types by event_id
         make_event("tie", f"{D} 12:00:00", "search", "tie query"),
         make_event("tie", f"{D} 12:00:00", "click", "example.org", "http://www.example.org/a",
                    {"url": "http://www.example.org/a", "rank": None}),
         make_event("tie", f"{D} 12:00:00", "view", "Blue Lamp", "item-9"),
+        # AOL-shaped: a query and its click logged with one timestamp, the click's event_id sorting first
+        make_event("aolu", f"{D} 13:00:00", "search", "cheap flights boston"),
+        make_event("aolu", f"{D} 13:00:00", "click", "expedia.com", "http://www.expedia.com/x",
+                   {"url": "http://www.expedia.com/x", "rank": 1}),
+        make_event("aolu", f"{D} 13:01:00", "click", "kayak.com", "http://www.kayak.com/y",
+                   {"url": "http://www.kayak.com/y", "rank": 2}),
         # interleaved users: u1 has a 45 min gap (two sessions) that u2's event would bridge if mixed up
         make_event("u1", f"{D} 09:00:00", "search", "u1 early"),
         make_event("u2", f"{D} 09:20:00", "search", "u2 only"),
@@ -111,13 +118,36 @@ def test_gap_of_exactly_the_threshold_stays_one_more_second_splits(built):
     assert mems[1][4] == "searched: third"
 
 
-def test_equal_timestamps_are_one_session_ordered_by_event_id(built):
+def test_equal_timestamps_are_one_session_search_first_then_event_id(built):
     settings, _ = built
     (m,) = _memories(settings, "tie")
     assert m[0] == m[1] and m[2] == 3
-    assert m[5] == sorted(m[5])  # equal event_ts: event_id decides
-    assert set(m[3]) == {"search", "click", "view"}
-    assert "clicked: example.org" in m[4] and "viewed: Blue Lamp" in m[4] and "searched: tie query" in m[4]
+    search_id = next(r[0] for r in _rows() if r[1] == "tie" and r[3] == "search")
+    assert m[5][0] == search_id and m[5][1:] == sorted(m[5][1:])  # equal event_ts: search first, then event_id
+    assert m[3][0] == "search" and set(m[3]) == {"search", "click", "view"}
+    assert m[4].startswith("searched: tie query; ")
+    assert "clicked: example.org" in m[4] and "viewed: Blue Lamp" in m[4]
+
+
+def test_a_search_comes_before_its_click_at_the_same_timestamp(built):
+    settings, _ = built
+    rows = [r for r in _rows() if r[1] == "aolu"]
+    search_id = next(r[0] for r in rows if r[3] == "search")
+    click_id = next(r[0] for r in rows if r[3] == "click" and r[2].minute == 0)
+    later_click_id = next(r[0] for r in rows if r[3] == "click" and r[2].minute == 1)
+    assert click_id < search_id  # ordering by (event_ts, event_id) alone would put the click first
+    (m,) = _memories(settings, "aolu")
+    assert m[2] == 3
+    assert m[4] == "searched: cheap flights boston; clicked: expedia.com; clicked: kayak.com"
+    assert m[5] == [search_id, click_id, later_click_id]
+    assert m[3] == ["search", "click"]
+    with connect_read_only(settings) as con:
+        seq = con.execute("SELECT event_type, event_seq, is_session_start FROM intermediate.int_sessions "
+                          "WHERE user_id = 'aolu' ORDER BY event_seq").fetchall()
+        ranks = dict(con.execute("SELECT event_type, max(event_order_rank) FROM staging.stg_events "
+                                 "WHERE user_id = 'aolu' GROUP BY 1").fetchall())
+    assert seq == [("search", 1, True), ("click", 2, False), ("click", 3, False)]
+    assert ranks == {"search": 0, "click": 1}
 
 
 def test_interleaved_users_do_not_bridge_each_other(built):

@@ -1,6 +1,7 @@
 {#- Sessionisation, at event grain: one row per staged event with the session it belongs to.
 
-    Rule (docs/ARCHITECTURE.md): per user (source, user_id), events ordered by (event_ts, event_id); a new session
+    Rule (docs/ARCHITECTURE.md): per user (source, user_id), events ordered by (event_ts, event_order_rank, event_id)
+    (macro event_order: at equal timestamps a search comes before the clicks it led to); a new session
     starts at the user's first event of each UTC day and whenever the gap to the previous event is strictly longer
     than var('session_gap_minutes'). Cutting at midnight makes every event day self-contained, which is what lets
     marts.intent_memories rebuild single days incrementally and still equal a full refresh.
@@ -20,6 +21,7 @@ with events as (
         user_id,
         event_date,
         event_ts,
+        event_order_rank,
         event_type,
         action_text,
         -- the user's previous distinct event that day (stg_events computes it in its dedup window)
@@ -48,7 +50,7 @@ numbered as (
     from flagged
     window user_day_so_far as (
         partition by source, user_id, event_date
-        order by event_ts, event_id
+        order by {{ event_order() }}
         rows between unbounded preceding and current row
     )
 

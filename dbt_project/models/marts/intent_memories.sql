@@ -6,7 +6,9 @@
     a full refresh gives the same rows, ids included.
 
     The aggregation builds each session's actions as one list of structs and sorts it by position
-    (list_sort), which is much cheaper in DuckDB than several ordered aggregates (list(... order by ...)). -#}
+    (list_sort), which is much cheaper in DuckDB than several ordered aggregates (list(... order by ...)).
+    The position is int_sessions.event_seq, i.e. the event order of macro event_order (event_ts, then a search
+    before other types at equal timestamps, then event_id): memory_text and event_ids follow it. -#}
 
 {{ config(
     materialized='incremental',

@@ -3,7 +3,8 @@
     Performance notes (this view feeds every build; the benchmark runs it over 10M events):
     * every string operation happens before the window (DuckDB prunes the columns later models do not use, so
       the window carries only what they read); PII masking reads the text column directly (see normalised);
-    * one window, ordered like the sessions of int_sessions, both deduplicates and gives previous_event_ts,
+    * one window, ordered like the sessions of int_sessions (macro event_order: event_ts, then search before other
+      types at equal timestamps, then event_id), both deduplicates and gives previous_event_ts,
       so the whole staging -> sessions -> memories build sorts the events twice, not three times;
     * the window is partitioned by (source, user_id, event_date): a filter on event_date (incremental builds)
       is pushed below it to the scan of raw.events. -#}
@@ -48,6 +49,8 @@ typed as (
         event_ts,
         event_date,
         event_type,
+        -- tie-break of equal timestamps in every ordering of events (macro event_order_rank: search = 0, else 1)
+        {{ event_order_rank('event_type') }} as event_order_rank,
         item_id,
         -- search queries are case-insensitive: lower-case them; titles and names keep their case
         case when event_type = 'search' then lower(text_normalised) else text_normalised end as text,
@@ -112,9 +115,10 @@ described as (
 
 deduplicated as (
 
-    -- Duplicates (same event_id: same source, user, time and content) are adjacent in a user's day ordered by
-    -- (event_ts, event_id); the first ingested copy is kept. The same ordered window gives every event its
-    -- predecessor's timestamp, which int_sessions needs: one sort of the events serves both.
+    -- Duplicates (same event_id: same source, user, time and content, hence the same rank) are adjacent in a
+    -- user's day ordered by event_order() = (event_ts, event_order_rank, event_id); the first ingested copy is
+    -- kept. The same ordered window gives every event its predecessor's timestamp, which int_sessions needs: one
+    -- sort of the events serves both.
     select
         *,
         lag(event_id) over user_day as previous_event_id,
@@ -122,7 +126,7 @@ deduplicated as (
     from described
     window user_day as (
         partition by source, user_id, event_date
-        order by event_ts, event_id, ingested_at, batch_id
+        order by {{ event_order() }}, ingested_at, batch_id
     )
 
 )
@@ -134,6 +138,7 @@ select
     event_ts,
     event_date,
     event_type,
+    event_order_rank,
     item_id,
     text,
     text_masked,
