@@ -104,6 +104,8 @@ from persona_tasks.config import ClusteringSettings, Settings
 from persona_tasks.embed import EMBEDDINGS_TABLE, embeddings_to_numpy, ensure_schema
 from persona_tasks.errors import PersonaEtlError
 from persona_tasks.progress import Progress, set_threads
+from persona_tasks.quality import silhouette_samples
+from persona_tasks.warehouse import transaction
 
 log = logging.getLogger(__name__)
 
@@ -378,23 +380,16 @@ def _one_hot(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cohesion(dist: np.ndarray, labels: np.ndarray) -> float:
-    """Mean silhouette over all points (cosine distance); noise and one-point clusters count 0; <2 clusters = 0."""
+    """Mean silhouette over all points (cosine distance); noise and one-point clusters count 0; <2 clusters = 0.
+
+    The per-point silhouette is ``persona_tasks.quality.silhouette_samples`` (one implementation, shared with the
+    personas' cohesion score); noise points (NaN there) count 0 in the mean over all ``n`` points.
+    """
     n = labels.shape[0]
-    labs, m = _one_hot(labels)
-    if labs.size < 2 or n == 0:
+    if n == 0:
         return 0.0
-    counts = m.sum(axis=0)
-    sums = dist @ m                                   # (n, k): total distance to each cluster
-    idx = np.flatnonzero(labels >= 0)
-    own = np.searchsorted(labs, labels[idx])
-    own_n = counts[own]
-    a = sums[idx, own] / np.maximum(own_n - 1, 1)
-    other = sums[idx] / counts
-    other[np.arange(idx.size), own] = np.inf
-    b = other.min(axis=1)
-    s = (b - a) / np.maximum(np.maximum(a, b), 1e-12)
-    s[own_n < 2] = 0.0
-    return float(s.sum() / n)
+    s = silhouette_samples(dist, labels)
+    return float(s[labels >= 0].sum() / n)
 
 
 def merge_similar(labels: np.ndarray, sim: np.ndarray, min_similarity: float | None) -> np.ndarray:
@@ -792,8 +787,7 @@ def write_clusters(
     con.register("_clu_a", a.to_arrow())
     con.register("_clu_u", u.to_arrow())
     try:
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             for table in ("personas.memory_clusters", "personas.user_clusterings"):
                 if shard is not None and n_shards is not None:
                     con.execute(f"DELETE FROM {table} WHERE {shard_sql('user_id', n_shards)} = {int(shard)}")
@@ -805,10 +799,6 @@ def write_clusters(
                 "INSERT INTO personas.user_clusterings SELECT user_id, n_memories, n_clusters, n_assigned, n_noise, "
                 "n_reassigned, n_unassigned, coverage, cohesion, param, rule, strategy, model_version, clustered_at "
                 "FROM _clu_u")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
     finally:
         con.unregister("_clu_a")
         con.unregister("_clu_u")

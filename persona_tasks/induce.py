@@ -1,4 +1,4 @@
-"""Persona induction, end to end: embed -> cluster -> label -> stage -> publish.
+"""Persona induction, end to end: embed -> cluster -> label -> stage -> score -> publish.
 
 Each step is a plain function over (settings, connection) so the Airflow DAG can run them as separate tasks;
 ``induce`` chains them for the CLI and the demo. A run is for one ``run_date`` (the data day): it uses the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
@@ -39,6 +40,10 @@ class InduceReport:
     coverage: float = 0.0
     timings_s: dict[str, float] = field(default_factory=dict)
     llm_stats: dict | None = None
+    # quality step (persona_tasks.quality.score_run on the staged run): personas with all four scores, and the
+    # mean of each score over them (None when no persona could be scored)
+    n_scored: int = 0
+    quality_means: dict[str, float | None] = field(default_factory=dict)
     published: PublishReport | None = None
 
     def summary(self) -> str:
@@ -46,7 +51,18 @@ class InduceReport:
              f"memories (coverage {self.coverage:.1%})")
         if self.n_llm:
             s += f"; LLM labelled {self.n_llm} clusters, {self.n_fallbacks} fell back to extractive"
+        if self.quality_means:
+            s += f"; {self.quality_summary()}"
         return s
+
+    def quality_summary(self) -> str:
+        """``quality: 120/125 scored, mean objective 0.812 (cohesion ..., alignment ..., truthfulness ...)``."""
+        def f(k: str) -> str:
+            v = self.quality_means.get(k)
+            return "n/a" if v is None else f"{v:.3f}"
+
+        parts = ", ".join(f"{k} {f(k)}" for k in ("cohesion", "alignment", "truthfulness"))
+        return f"quality: {self.n_scored}/{self.n_personas} scored, mean objective {f('objective')} ({parts})"
 
 
 def latest_event_date(con: duckdb.DuckDBPyConnection) -> date:
@@ -190,10 +206,25 @@ def label_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: dat
     return report
 
 
+def quality_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date,
+                 users: list[str] | None = None, report: InduceReport | None = None):
+    """Score the staged personas of ``run_date`` (``persona_tasks.quality.score_run``: cohesion, alignment,
+    truthfulness, objective in ``personas.staged_personas``) and record a summary in ``report``."""
+    from persona_tasks.quality import score_run
+
+    t = time.perf_counter()
+    q = score_run(settings, con, run_date, users=users)
+    if report is not None:
+        report.n_scored = q.n_scored
+        report.quality_means = {k: (None if math.isnan(v) else float(v)) for k, v in q.means.items()}
+        report.timings_s["quality"] = round(time.perf_counter() - t, 2)
+    return q
+
+
 def induce(settings: Settings, labeller: str = "extractive", users: list[str] | None = None,
            run_date: date | None = None, llm_max_users: int | None = None,
            con: duckdb.DuckDBPyConnection | None = None) -> InduceReport:
-    """Embed, cluster, label and publish personas for ``run_date`` (default: the latest event day)."""
+    """Embed, cluster, label, score and publish personas for ``run_date`` (default: the latest event day)."""
     from persona_tasks.embed import embed_memories
 
     if labeller not in ("llm", "extractive"):
@@ -218,6 +249,7 @@ def induce(settings: Settings, labeller: str = "extractive", users: list[str] | 
         report.timings_s["cluster"] = round(time.perf_counter() - t, 2)
         report.n_memories = int(result.users["n_memories"].sum()) if result.users.height else 0
         label_step(settings, con, run_date, labeller, users=users, llm_max_users=llm_max_users, report=report)
+        quality_step(settings, con, run_date, users=users, report=report)
         t = time.perf_counter()
         report.published = publish_run(settings, con, run_date)
         report.timings_s["publish"] = round(time.perf_counter() - t, 2)

@@ -163,13 +163,14 @@ def publish_run(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: da
         con.execute(f"DELETE FROM personas.personas WHERE run_date = $d AND user_id IN {users}", {"d": run_date})
         for src, dst in (("staged_personas", "personas"), ("staged_persona_evidence", "persona_evidence"),
                          ("staged_persona_embeddings", "persona_embeddings")):
-            con.execute(f"INSERT INTO personas.{dst} SELECT * FROM personas.{src} WHERE run_date = $d",
+            # by name: every column, the quality scores (cohesion .. objective) included, whatever the column order
+            con.execute(f"INSERT INTO personas.{dst} BY NAME SELECT * FROM personas.{src} WHERE run_date = $d",
                         {"d": run_date})
         n_topics = _assign_topics(settings, con, run_date)
         con.execute("UPDATE personas.induction_runs SET published_at = now()::TIMESTAMP "
                     "WHERE run_date = $d AND published_at IS NULL", {"d": run_date})
         n_p, n_u = query_row(
-            con,             "SELECT count(*), count(DISTINCT user_id) FROM personas.personas WHERE run_date = $d", {"d": run_date})
+            con, "SELECT count(*), count(DISTINCT user_id) FROM personas.personas WHERE run_date = $d", {"d": run_date})
         n_e = query_row(con, "SELECT count(*) FROM personas.persona_evidence WHERE run_date = $d", {"d": run_date})[0]
     report = PublishReport(run_date, n_p, n_e, n_u, n_topics)
     log.info("publish: %s", report)

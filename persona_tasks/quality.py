@@ -80,7 +80,8 @@ def silhouette_samples(dist: np.ndarray, labels: np.ndarray) -> np.ndarray:
     ``a`` = mean distance to the other members of the own cluster, ``b`` = smallest mean distance to another
     cluster (unassigned memories, label < 0, belong to none), ``s = (b - a) / max(a, b)``; members of one-memory
     clusters score 0, and every member scores 0 when there are fewer than two clusters. Unassigned memories get
-    NaN. (``nansum(s) / n`` is ``cluster.cohesion(dist, labels)``; tested.)
+    NaN. The one implementation of the silhouette: ``cluster.cohesion(dist, labels)`` (the clustering step's
+    selection score) is the sum of these over the assigned memories divided by ``n``.
     """
     labels = np.asarray(labels)
     n = labels.shape[0]

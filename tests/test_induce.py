@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date
 
 import duckdb
@@ -11,9 +12,10 @@ from sklearn.metrics import adjusted_rand_score
 
 from persona_tasks.config import load_settings
 from persona_tasks.dbt_runner import build
-from persona_tasks.induce import induce, label_step
+from persona_tasks.induce import induce, label_step, report_dict
 from persona_tasks.ingest import ingest_files
 from persona_tasks.publish import publish_run
+from persona_tasks.quality import score_run
 from persona_tasks.synth import generate_events, write_events
 from persona_tasks.warehouse import connect, query_pl, query_row
 
@@ -53,6 +55,77 @@ def test_every_user_gets_personas_for_each_cluster(warehouse):
     assert (per_user["n_clusters"] == per_user["n_personas"]).all()
     assert report.n_personas == per_user["n_personas"].sum()
     assert 0.9 <= report.coverage <= 1.0
+
+
+SCORE_COLUMNS = ["cohesion", "alignment", "truthfulness", "objective"]
+
+
+def test_every_published_persona_has_its_quality_scores(warehouse):
+    settings, _, report = warehouse
+    with connect(settings) as con:
+        s = query_pl(con, "SELECT persona_id, cohesion, alignment, truthfulness, objective FROM personas.personas "
+                          "WHERE run_date = $d", {"d": report.run_date})
+    assert s.height == report.n_personas > 0
+    assert s.select(pl.col(SCORE_COLUMNS).null_count()).sum_horizontal().item() == 0
+    assert s.select(((pl.col(SCORE_COLUMNS) >= 0) & (pl.col(SCORE_COLUMNS) <= 1)).all()).to_numpy().all()
+    # objective = the configured weighted mean, recomputed from the stored parts
+    w = settings.quality.objective_weights
+    expected = sum(w[k] * s[k] for k in w) / sum(w.values())
+    assert (s["objective"] - expected).abs().max() < 1e-9
+    # the run's report carries the quality summary (and the CLI / log line shows it)
+    assert report.n_scored == report.n_personas
+    assert report.quality_means["objective"] == pytest.approx(s["objective"].mean(), abs=1e-4)
+    assert set(report.quality_means) == set(SCORE_COLUMNS)
+    assert f"quality: {report.n_personas}/{report.n_personas} scored, mean objective" in report.summary()
+    assert "quality" in report.timings_s
+    d = json.loads(json.dumps(report_dict(report), allow_nan=False))
+    assert d["n_scored"] == report.n_scored and d["quality_means"]["objective"] == report.quality_means["objective"]
+
+
+def test_a_persona_with_unrelated_text_scores_lower(warehouse):
+    """Swap one well-scored persona's text (and text embedding) for another user's least similar persona: its
+    alignment and truthfulness fall below its own and below the typical normally labelled persona's."""
+    settings, _, report = warehouse
+    d = report.run_date
+    with connect(settings) as con:
+        score_run(settings, con, d)  # the staged run (every test leaves one labelled) with fresh scores
+        s = query_pl(con, "SELECT p.persona_id, p.user_id, p.label, p.description, p.alignment, p.truthfulness, "
+                          "p.objective, e.embedding FROM personas.staged_personas p "
+                          "JOIN personas.staged_persona_embeddings e USING (persona_id, run_date) "
+                          "WHERE p.run_date = $d ORDER BY p.objective DESC, p.persona_id", {"d": d})
+        victim = s.row(0, named=True)
+        others = s.filter(pl.col("user_id") != victim["user_id"])
+        vecs, v = others["embedding"].to_list(), victim["embedding"]
+        donor = others.row(min(range(others.height), key=lambda i: sum(a * b for a, b in zip(vecs[i], v))),
+                           named=True)
+        con.execute("UPDATE personas.staged_personas SET label = $l, description = $t WHERE persona_id = $p",
+                    {"l": donor["label"], "t": donor["description"], "p": victim["persona_id"]})
+        con.execute("UPDATE personas.staged_persona_embeddings SET embedding = $e WHERE persona_id = $p",
+                    {"e": donor["embedding"], "p": victim["persona_id"]})
+        score_run(settings, con, d, users=[victim["user_id"]])
+        swapped = query_row(con, "SELECT alignment, truthfulness FROM personas.staged_personas "
+                                 "WHERE persona_id = $p", {"p": victim["persona_id"]})
+        # restore the staging area for the other tests
+        label_step(settings, con, d, "extractive")
+        score_run(settings, con, d)
+    normal = s.filter(pl.col("persona_id") != victim["persona_id"])
+    print(f"victim {victim['label']!r} -> {donor['label']!r}: alignment {victim['alignment']:.3f} -> "
+          f"{swapped[0]:.3f}, truthfulness {victim['truthfulness']:.3f} -> {swapped[1]:.3f}; normal medians "
+          f"{normal['alignment'].median():.3f} / {normal['truthfulness'].median():.3f}")
+    assert swapped[0] < min(victim["alignment"], normal["alignment"].median())
+    assert swapped[1] < min(victim["truthfulness"], normal["truthfulness"].median())
+
+
+def test_cli_induce_prints_the_quality_summary(warehouse, monkeypatch, capsys, tmp_path):
+    from persona_tasks.cli import main
+
+    settings, _, report = warehouse
+    monkeypatch.setenv("PERSONA_ETL_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("PERSONA_ETL_WAREHOUSE", str(settings.warehouse))
+    assert main(["induce", "--run-date", report.run_date.isoformat()]) == 0
+    out = capsys.readouterr().out
+    assert f"quality: {report.n_personas}/{report.n_personas} scored, mean objective" in out
+    assert "truthfulness" in out and "published:" in out
 
 
 def test_evidence_is_the_persona_cluster_of_the_same_user(warehouse):
