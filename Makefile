@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: install demo test bench docs clean help
+.PHONY: install demo demo-cli airflow test bench docs clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:/'
@@ -12,8 +12,24 @@ help:  ## list targets
 install:  ## create .venv from requirements/lock.txt (idempotent; the same script CI and Docker use)
 	./scripts/install.sh
 
-demo: install  ## ingest the bundled AOL sample, build intent memories, print where results are
+demo: install  ## airflow dags test persona_daily on two days of the bundled AOL sample; prints personas
 	$(BIN)/python -m persona_tasks.demo
+
+demo-cli: install  ## the same steps without Airflow: whole AOL sample ingest + build, induce for 30 users
+	$(BIN)/python -m persona_tasks.demo --cli
+
+AIRFLOW_HOME ?= $(CURDIR)/.airflow
+AIRFLOW_ENV = PATH=$(CURDIR)/$(BIN):$$PATH AIRFLOW_HOME=$(AIRFLOW_HOME) AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
+	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=8080 \
+	AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:8080/execution/
+
+airflow: install  ## Airflow UI at http://127.0.0.1:8080 (airflow standalone; Ctrl-C stops it)
+	@mkdir -p $(AIRFLOW_HOME)
+	@[ -s $(AIRFLOW_HOME)/jwt_secret ] || (umask 077; $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(64))" > $(AIRFLOW_HOME)/jwt_secret)
+	@$(AIRFLOW_ENV) $(BIN)/airflow db migrate >/dev/null
+	@$(AIRFLOW_ENV) $(BIN)/airflow pools set warehouse_writer 1 "one DuckDB writer at a time" >/dev/null
+	@echo "Airflow: http://127.0.0.1:8080  login: admin, password in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
+	$(AIRFLOW_ENV) AIRFLOW__API_AUTH__JWT_SECRET=$$(cat $(AIRFLOW_HOME)/jwt_secret) exec $(BIN)/airflow standalone
 
 test: install  ## the full test suite (what CI runs)
 	$(BIN)/python -m pytest -q
@@ -26,4 +42,4 @@ docs: install  ## dbt docs for analysts (dbt_project/target/index.html)
 	$(BIN)/python -c "from persona_tasks.dbt_runner import docs_generate; from persona_tasks.config import load_settings; docs_generate(load_settings())"
 
 clean:  ## remove generated state (venv kept)
-	rm -rf warehouse dbt_project/target dbt_project/logs .pytest_cache
+	rm -rf warehouse landing .airflow dbt_project/target dbt_project/logs .pytest_cache

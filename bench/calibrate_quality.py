@@ -34,7 +34,7 @@ Usage::
 
     .venv/bin/python bench/calibrate_quality.py                     # ~120 synthetic users, ~1-2 min on 2 cores
     .venv/bin/python bench/calibrate_quality.py --users 60 --source memories
-    .venv/bin/python bench/calibrate_quality.py --source warehouse --warehouse warehouse/personas.duckdb
+    .venv/bin/python bench/calibrate_quality.py --source warehouse --warehouse warehouse/warehouse.duckdb
     .venv/bin/python bench/calibrate_quality.py --write-docs        # also rewrite its block in docs/quality.md
 
 Prints a report and writes ``<out>/calibrate_quality_<source>.json`` (``<out>`` default ``bench/out``).

@@ -67,12 +67,30 @@ def _cmd_induce(args: argparse.Namespace) -> int:
     run_date = date.fromisoformat(args.run_date) if args.run_date else None
     report = induce(settings, labeller=args.labeller, users=users, run_date=run_date,
                     llm_max_users=args.llm_max_users)
-    print(report.summary())
+    print(report.summary())  # counts, coverage, and the quality step's scored count and mean scores
     if report.published:
         p = report.published
         print(f"published: {p.n_personas} personas, {p.n_evidence} evidence rows, {p.n_topics} topics "
-              f"for run date {p.run_date} (tables personas.personas, personas.persona_evidence, "
-              "personas.persona_topics)")
+              f"for run date {p.run_date} (tables personas.personas with quality scores cohesion, alignment, "
+              "truthfulness, objective (docs/quality.md), personas.persona_evidence, personas.persona_topics)")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from persona_tasks.evaluate import evaluate, write_json, write_results_doc
+
+    settings = load_settings()
+    results = evaluate(settings, datasets=args.datasets or None, llm_max_users=args.llm_max_users,
+                       max_users=args.max_users, synth_users=args.synth_users)
+    print(f"results: {write_json(results, args.json)}")
+    for name, d in results["datasets"].items():
+        for key in ("multi_extractive", "single_extractive", "multi_centroid", "nearest_memory"):
+            m = d["methods"].get(key)
+            if m:
+                print(f"{name} {key}: Hit@1 {100 * m['hit@1']:.2f} Hit@10 {100 * m['hit@10']:.2f} "
+                      f"MRR {100 * m['mrr']:.2f} ({m['n']} futures)")
+    if args.write_docs:
+        print(f"tables: {write_results_doc(results, args.write_docs)}")
     return 0
 
 
@@ -104,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", default=None, help="dbt node selection (default: everything)")
     p.set_defaults(func=_cmd_build)
 
-    p = sub.add_parser("induce", help="embed, cluster, label and publish personas from intent memories",
+    p = sub.add_parser("induce", help="embed, cluster, label, score and publish personas from intent memories",
                        description="Induce several personas per user from marts.intent_memories: embed memories, "
-                       "cluster each user's memories, label each cluster, and publish personas.personas, "
+                       "cluster each user's memories, label each cluster, score each persona (cohesion, "
+                       "alignment, truthfulness, objective: docs/quality.md), and publish personas.personas, "
                        "personas.persona_evidence and personas.persona_topics atomically for one run date.")
     p.add_argument("--labeller", choices=["llm", "extractive"], default="extractive",
                    help="llm: the configured causal LM (default SmolLM2-135M-Instruct), validated, with "
@@ -117,6 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --labeller llm: let the LLM label only this many users (a stable sample); "
                    "the others get extractive personas")
     p.set_defaults(func=_cmd_induce)
+
+    p = sub.add_parser("evaluate", help="future-interaction prediction: history personas vs baselines "
+                       "(docs/results.md)",
+                       description="Per user, split memories in time order into history (first 80%) and future "
+                       "(last 20%, at least one; users with fewer than [evaluation] min_memories left out), induce "
+                       "personas from the history only, rank each future memory among negatives from other users' "
+                       "futures, and report Hit@1, Hit@10 and MRR of multi-persona (LLM, extractive), multi-centroid, "
+                       "single persona, history centroid, nearest memory, most recent, popularity and random; plus "
+                       "persona quality, coverage and ARI/NMI on planted personas. Protocol: docs/results.md.")
+    p.add_argument("--json", required=True, metavar="PATH", help="write every number to this JSON file")
+    p.add_argument("--datasets", nargs="*", default=None, metavar="SOURCE",
+                   help="warehouse sources to evaluate, e.g. aol movielens (default: every source)")
+    p.add_argument("--llm-max-users", type=int, default=None,
+                   help="users of each dataset labelled by the LLM (a stable sample; 0 = no LLM rows; default "
+                   "[evaluation] llm_max_users)")
+    p.add_argument("--max-users", type=int, default=None,
+                   help="evaluate at most this many users per dataset (a stable sample; default all)")
+    p.add_argument("--synth-users", type=int, default=None,
+                   help="users of the planted-persona check (0 = skip; default [evaluation] synth_users)")
+    p.add_argument("--write-docs", nargs="?", const=str(Path(__file__).resolve().parent.parent / "docs" / "results.md"),
+                   default=None, metavar="PATH", help="also render the tables to PATH (default docs/results.md)")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("sql", help="run a read-only SQL query on the warehouse and print the result",
                        description="Run one read-only SQL query against the warehouse and print the result.")

@@ -114,6 +114,9 @@ class LabellingSettings(BaseModel):
     max_new_tokens: int = 96
     # "auto" = CUDA with bf16 when available, else CPU fp32; or "cpu" / "cuda" explicitly
     device: str = "auto"
+    # "auto" = bfloat16 on CUDA, float32 on CPU; or "bf16" / "fp16" / "fp32". For very small models fp32 is
+    # faster on a GPU (SmolLM2-135M on an H200: 1.5-2.1x, docs/performance.md); bf16 halves a large model's memory
+    dtype: str = "auto"
     # memories shown to the model: most central first, at most this many, each cut to memory_max_tokens,
     # the whole prompt (instructions and example ~190 tokens, memories) within prompt_max_tokens
     max_memories: int = 12
@@ -197,6 +200,153 @@ class QualitySettings(BaseModel):
         return v
 
 
+class EvaluationSettings(BaseModel):
+    """Future-interaction prediction (``persona_tasks.evaluate``; the protocol is stated in docs/results.md)."""
+
+    # per user, memories in time order: the last max(1, floor(future_fraction * n)) are the future, the rest history
+    future_fraction: float = 0.2
+    # users with fewer memories than this are left out
+    min_memories: int = 5
+    # negatives per future memory, sampled (fixed seed) from other users' future memories
+    n_negatives: int = 99
+    seed: int = 0
+    # users whose history the LLM labeller labels (a stable md5 sample of the evaluable users); 0 = no LLM rows
+    llm_max_users: int = 20
+    # evaluate at most this many users per dataset (a stable md5 sample); None = all
+    max_users: int | None = None
+    # MovieLens memory granularity: "movie" (one memory per rating >= movielens_min_rating), "day" (one per user
+    # and UTC day of such ratings) or "session" (marts.intent_memories as built, every rating, session gap rule)
+    movielens_granularity: str = "movie"
+    movielens_min_rating: float = 4.0
+    # planted-persona recovery (ARI/NMI) on persona_tasks.synth memories; 0 users = skip
+    synth_users: int = 100
+    synth_memories_per_user: list[int] = Field(default_factory=lambda: [10, 40])
+    synth_seed: int = 0
+
+    @field_validator("future_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError("must be in (0, 1)")
+        return v
+
+    @field_validator("min_memories", "n_negatives")
+    @classmethod
+    def _min(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError("must be at least 2")
+        return v
+
+    @field_validator("movielens_granularity")
+    @classmethod
+    def _granularity(cls, v: str) -> str:
+        if v not in ("movie", "day", "session"):
+            raise ValueError("use movie, day or session")
+        return v
+
+
+class OrchestrationSettings(BaseModel):
+    """The Airflow DAG ``persona_daily`` (dags/persona_daily.py, persona_tasks.daily; docs/deploy.md)."""
+
+    # landing location of the daily files: <landing_dir>/<YYYY-MM-DD>/*; a local folder (relative = to the project)
+    # or an fsspec URL (s3://bucket/landing, ...; the files are copied to work_dir before ingest)
+    landing_dir: str = "landing"
+    # ingest format of the landing files (aol | movielens | merrec | events) and the source name stored with them
+    landing_format: str = "aol"
+    landing_source: str | None = None
+    # per-run scratch files (cluster shard inputs and results); None = <warehouse folder>/work
+    work_dir: Path | None = None
+    # a day without landing files fails the raw gate unless this is true
+    allow_empty_day: bool = False
+    # raw gate: the day's rejected rows must be at most this share of the rows read
+    max_rejected_share: float = 0.05
+    # user shards of the cluster step (dynamic task mapping: one mapped task per shard)
+    n_shards: int = 4
+    # labeller of the DAG run (a DAG param overrides it per run): extractive | llm
+    labeller: str = "extractive"
+    llm_max_users: int | None = None
+    # persona gate: floors on the staged run (means over scored personas; shares in [0, 1])
+    min_personas: int = 1
+    min_scored_share: float = 0.9
+    min_coverage: float = 0.5
+    quality_floors: dict[str, float] = Field(
+        default_factory=lambda: {"cohesion": 0.3, "alignment": 0.3, "truthfulness": 0.5, "objective": 0.4})
+    # Airflow: owner, retries with exponential backoff (non-gate tasks only), pools and queues
+    owner: str = "persona-etl"
+    retries: int = 2
+    retry_delay_s: int = 60
+    # delay multiplier per retry (exponential backoff), capped at max_retry_delay_s
+    retry_exponential_backoff: float = 2.0
+    max_retry_delay_s: int = 900
+    warehouse_pool: str = "warehouse_writer"
+    label_pool: str = "warehouse_writer"
+    label_queue: str = "default"
+    catchup: bool = False
+    start_date: str = "2006-03-01"
+
+    @field_validator("landing_format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v not in ("aol", "movielens", "merrec", "events"):
+            raise ValueError("use aol, movielens, merrec or events")
+        return v
+
+    @field_validator("labeller")
+    @classmethod
+    def _labeller(cls, v: str) -> str:
+        if v not in ("extractive", "llm"):
+            raise ValueError("use extractive or llm")
+        return v
+
+    @field_validator("max_rejected_share", "min_scored_share", "min_coverage")
+    @classmethod
+    def _share(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return v
+
+    @field_validator("n_shards")
+    @classmethod
+    def _shards(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("quality_floors")
+    @classmethod
+    def _floors(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = set(v) - {"cohesion", "alignment", "truthfulness", "objective"}
+        if unknown:
+            raise ValueError(f"unknown score(s) {sorted(unknown)}: use cohesion, alignment, truthfulness, objective")
+        return v
+
+
+class ServingSettings(BaseModel):
+    """The read-only serving copy analysts query (persona_tasks.serving; docs/analysts.md)."""
+
+    # None = <warehouse folder>/serving/personas_serving.duckdb
+    path: Path | None = None
+    # schema.table names copied; views are recreated on top of them
+    tables: list[str] = Field(default_factory=lambda: [
+        "personas.personas", "personas.persona_evidence", "personas.persona_topics", "personas.induction_runs",
+        "marts.intent_memories"])
+
+
+class AlertsSettings(BaseModel):
+    """Failure alerts of the DAG (persona_tasks.alerts): an ops_alerts row, and a webhook post when configured."""
+
+    # Slack-compatible incoming webhook (JSON {"text": ...}); None = no post. Prefer the environment variable
+    # PERSONA_ETL_ALERTS__WEBHOOK_URL for a secret URL.
+    webhook_url: str | None = None
+    timeout_s: float = 10.0
+    # characters of the error summary kept (the first line of the error only)
+    max_summary_chars: int = 500
+
+
+# schemas of the warehouse (raw events, dbt layers, persona tables, operations)
+WAREHOUSE_SCHEMAS = frozenset({"raw", "staging", "intermediate", "marts", "personas", "ops", "main"})
+
+
 class Settings(BaseSettings):
     """Everything a persona-etl run needs to know about its deployment."""
 
@@ -205,7 +355,8 @@ class Settings(BaseSettings):
     )
 
     project_dir: Path = PROJECT_DIR
-    warehouse: Path = PROJECT_DIR / "warehouse" / "personas.duckdb"
+    # DuckDB names the catalog after the file: the stem must not be a schema name (see _not_a_schema_name)
+    warehouse: Path = PROJECT_DIR / "warehouse" / "warehouse.duckdb"
     # a new session starts after a gap strictly longer than this many minutes
     session_gap_minutes: int = 30
     # cap on the readable summary of a memory (characters)
@@ -220,11 +371,25 @@ class Settings(BaseSettings):
     labelling: LabellingSettings = Field(default_factory=LabellingSettings)
     topics: TopicsSettings = Field(default_factory=TopicsSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    orchestration: OrchestrationSettings = Field(default_factory=OrchestrationSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    alerts: AlertsSettings = Field(default_factory=AlertsSettings)
 
     @field_validator("warehouse", "models_dir", mode="after")
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v if v.is_absolute() else (Path.cwd() / v)
+
+    @field_validator("warehouse", mode="after")
+    @classmethod
+    def _not_a_schema_name(cls, v: Path) -> Path:
+        """A file named personas.duckdb makes ``personas.personas`` ambiguous (catalog or schema) in DuckDB."""
+        if v.stem.lower() in WAREHOUSE_SCHEMAS:
+            raise ValueError(f"warehouse file {v}: its name {v.stem!r} is also a schema of the warehouse, and DuckDB "
+                             f"names the catalog after the file, so queries like {v.stem}.<table> become ambiguous; "
+                             f"choose another file name (for example warehouse.duckdb)")
+        return v
 
     @field_validator("session_gap_minutes", "threads", "memory_text_max_chars")
     @classmethod

@@ -1,11 +1,19 @@
-"""`make demo`: the main job on the bundled AOL sample, end to end, then where to look.
+"""`make demo`: the daily Airflow DAG, end to end, on days of the bundled AOL sample, then where to look.
 
-Safe to run again: a second ingest of the same file adds nothing and the incremental build only
-touches days with new events.
+For each demo day, the day's rows of data/aol/aol_sample.tsv.gz are written to ``landing/<day>/`` and
+``airflow dags test persona_daily <day>`` runs the whole DAG (SQLite metadata DB in ``.airflow/``, no server):
+ingest, gates, dbt build, embed, cluster shards, label, score, publish, serving copy. The last day is labelled
+by the LLM for a small sample of users (CPU is slow), the others by the extractive labeller.
+
+``make demo-cli`` runs the same steps without Airflow on the whole sample (``python -m persona_tasks.demo
+--cli``): ingest, build (all 300 users), induce for a sample of users.
+
+Safe to run again: a day already ingested adds nothing, and a rerun of a day gives the same tables.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import time
@@ -21,14 +29,48 @@ EXAMPLE_SQL = (
 
 
 PERSONAS_SQL = (
-    "SELECT p.user_id, p.label, p.labeller, p.n_evidence, t.label AS topic\n"
+    "SELECT p.user_id, p.label, p.labeller, p.n_evidence, round(p.objective, 2) AS objective, t.label AS topic\n"
     "FROM personas.current_personas p LEFT JOIN personas.persona_topics t USING (topic_id, run_date)\n"
     "ORDER BY p.user_id, p.n_evidence DESC"
 )
 
+DEMO_DAYS = "2006-03-01,2006-03-02"
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+def main_dag() -> None:
+    """The DAG on each demo day (``DEMO_DAYS``, comma-separated), then a few personas from the serving copy."""
+    from persona_tasks.daily import sample_landing_day
+    from persona_tasks.local_airflow import LocalAirflow
+    from persona_tasks.serving import serving_path
+
+    settings = load_settings()
+    days = [d.strip() for d in os.environ.get("DEMO_DAYS", DEMO_DAYS).split(",") if d.strip()]
+    llm_users = int(os.environ.get("DEMO_LLM_USERS", "3"))
+    t0 = time.perf_counter()
+    home = settings.project_dir / ".airflow"
+    print(f"Airflow home {home} (SQLite metadata); warehouse {settings.warehouse}")
+    af = LocalAirflow.create(settings, home, {"PERSONA_ETL_ORCHESTRATION__LLM_MAX_USERS": str(llm_users)})
+    for i, day in enumerate(days):
+        path = sample_landing_day(settings, day)
+        llm = llm_users > 0 and i == len(days) - 1
+        print(f"\nairflow dags test persona_daily {day}  (landing file {path.relative_to(settings.project_dir)}; "
+              f"labeller {'llm for ' + str(llm_users) + ' sampled users, extractive for the others' if llm else 'extractive'})"
+              " ...", flush=True)
+        _, seconds = af.dags_test("persona_daily", day, conf={"labeller": "llm" if llm else "extractive"})
+        states = af.task_states("persona_daily", day)
+        failed = sorted(t for t, s in states.items() if s != "success")
+        print(f"  {len(states)} task instances, {'all succeeded' if not failed else 'not succeeded: ' + ', '.join(failed)}"
+              f" in {seconds:.0f}s (log: {af.logs[-1].relative_to(settings.project_dir)})")
+    serving = serving_path(settings)
+    print(f"\nwarehouse (the DAG's writer): {settings.warehouse}")
+    print(f"serving copy for analysts (read-only, swapped atomically after each run): {serving}")
+    show_personas(serving)
+    print(f"\ntotal {time.perf_counter() - t0:.0f}s. Tables: docs/analysts.md and docs/tables.md; "
+          f"query: duckdb -readonly {serving}  or  persona-etl sql \"...\" (the warehouse)")
+
+
+def main_cli() -> None:
+    """Without Airflow: ingest the whole AOL sample, build intent memories, induce for a sample of users."""
     from persona_tasks.dbt_runner import build
     from persona_tasks.induce import induce
     from persona_tasks.ingest import ingest_files
@@ -44,13 +86,11 @@ def main() -> None:
     build(settings)
     with connect_read_only(settings) as con:
         n_mem, n_users, n_events = query_row(
-            con,             "SELECT count(*), count(DISTINCT user_id), sum(n_actions) FROM marts.intent_memories")
+            con, "SELECT count(*), count(DISTINCT user_id), sum(n_actions) FROM marts.intent_memories")
         example = query_pl(con, EXAMPLE_SQL)
     print(f"\nintent memories: {n_mem} for {n_users} users from {n_events} events "
           f"({time.perf_counter() - t0:.1f}s)")
     print(f"warehouse: {settings.warehouse}")
-    print("tables: raw.events, raw.events_rejected, raw.ingest_batches, staging.stg_events, "
-          "intermediate.int_sessions, marts.intent_memories")
     print("\nexample query (persona-etl sql \"...\"):\n" + EXAMPLE_SQL)
     import polars as pl
 
@@ -59,14 +99,13 @@ def main() -> None:
 
     # personas: every user gets extractive personas; a stable sample of users gets LLM personas (CPU is slow)
     llm_users = int(os.environ.get("DEMO_LLM_USERS", "3"))
-    print(f"\ninducing personas: LLM labeller ({settings.labelling.model_path or 'SmolLM2-135M-Instruct'}) for "
-          f"{llm_users} sampled users, extractive for the others ...")
     # embedding every AOL memory (46k) takes ~20 min on 2 cores: the demo induces for a stable sample of users
     n_users = int(os.environ.get("DEMO_USERS", "30"))
     with connect_read_only(settings) as con:
         users = query_pl(con, "SELECT DISTINCT user_id FROM marts.intent_memories ORDER BY md5(user_id) LIMIT $n",
                          {"n": n_users})["user_id"].to_list()
-    print(f"(personas for a sample of {len(users)} users; DEMO_USERS=N to change)")
+    print(f"\ninducing personas for a sample of {len(users)} users (DEMO_USERS=N to change): LLM labeller for "
+          f"{llm_users} of them, extractive for the others ...")
     report = induce(settings, labeller="llm" if llm_users else "extractive", users=users,
                     llm_max_users=llm_users)
     print(report.summary())
@@ -74,15 +113,18 @@ def main() -> None:
         s = report.llm_stats
         print(f"LLM: {s['prompts']} prompts, {s['tokens_per_s']} generated tokens/s, "
               f"fallback rate {s['fallback_rate']:.0%}")
-    show_personas(settings)
+    show_personas(settings.warehouse)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s. Tables: docs/tables.md; analysts' queries: persona-etl sql")
 
 
-def show_personas(settings, n_users: int = 3) -> None:
-    """Print a few users' personas with their top evidence (the LLM-labelled users first)."""
-    from persona_tasks.warehouse import connect_read_only, query_pl
+def show_personas(database, n_users: int = 3) -> None:
+    """Print a few users' personas with their top evidence (the LLM-labelled users first), read-only from
+    ``database`` (the warehouse or its serving copy)."""
+    import duckdb
 
-    with connect_read_only(settings) as con:
+    from persona_tasks.warehouse import query_pl
+
+    with duckdb.connect(str(database), read_only=True) as con:
         users = query_pl(con, "SELECT user_id FROM personas.current_personas GROUP BY user_id "
                               "ORDER BY bool_or(labeller = 'llm' OR is_fallback) DESC, user_id LIMIT $n",
                          {"n": n_users})["user_id"].to_list()
@@ -101,6 +143,15 @@ def show_personas(settings, n_users: int = 3) -> None:
                 for (text,) in ev.iter_rows():
                     print(f"      evidence: {text[:110]}")
     print("\nexample query:\n" + PERSONAS_SQL)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="persona-etl demo on the bundled AOL sample")
+    ap.add_argument("--cli", action="store_true", help="without Airflow: the whole sample through the CLI steps")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.cli else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main_cli() if args.cli else main_dag()
 
 
 if __name__ == "__main__":

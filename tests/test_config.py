@@ -44,4 +44,18 @@ def test_invalid_values_fail_with_the_field_name(monkeypatch):
 def test_default_warehouse_is_under_the_project(monkeypatch):
     monkeypatch.delenv("PERSONA_ETL_WAREHOUSE", raising=False)
     monkeypatch.setenv("PERSONA_ETL_CONFIG", str(Path("/nonexistent.toml")))
-    assert Settings().warehouse == PROJECT_DIR / "warehouse" / "personas.duckdb"
+    assert Settings().warehouse == PROJECT_DIR / "warehouse" / "warehouse.duckdb"
+
+
+def test_a_warehouse_file_named_like_a_schema_is_refused(monkeypatch, tmp_path):
+    """personas.duckdb would make personas.personas ambiguous in DuckDB (catalog or schema): refuse it early."""
+    monkeypatch.setenv("PERSONA_ETL_WAREHOUSE", str(tmp_path / "personas.duckdb"))
+    with pytest.raises(ValidationError, match="personas.duckdb.*schema"):
+        Settings()
+    import duckdb  # the failure the check prevents, on a real DuckDB file
+
+    con = duckdb.connect(str(tmp_path / "personas.duckdb"))
+    con.execute("CREATE SCHEMA personas")
+    with pytest.raises(duckdb.BinderException, match="Ambiguous"):
+        con.execute("CREATE TABLE personas.t (x INT)")
+    con.close()

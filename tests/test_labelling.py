@@ -392,3 +392,17 @@ def test_real_smollm2_structurally_valid_or_counted_fallback():
         if not p.fallback:
             assert p.model_version == version
     assert lab.stats.fallbacks == sum(p.fallback for p in out)
+
+
+def test_dtype_setting_picks_the_torch_dtype_and_rejects_unknown():
+    from persona_tasks.labelling.model import LabellingError, pick_device
+
+    assert pick_device(settings(device="cpu")) == ("cpu", torch.float32)  # auto on CPU
+    assert pick_device(settings(device="cpu", dtype="bf16")) == ("cpu", torch.bfloat16)
+    assert pick_device(settings(device="cpu", dtype="fp16")) == ("cpu", torch.float16)
+    with pytest.raises(LabellingError, match="labelling.dtype"):
+        pick_device(settings(dtype="int3"))
+    if not torch.cuda.is_available():
+        assert pick_device(settings())[1] == torch.float32
+        with pytest.raises(LabellingError, match="no CUDA"):
+            pick_device(settings(device="cuda"))

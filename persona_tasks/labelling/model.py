@@ -150,17 +150,22 @@ def resolve_model(settings: Settings) -> tuple[Path, str]:
 
 
 def pick_device(settings: Settings) -> tuple[str, Any]:
-    """("cuda", bfloat16) when CUDA is there (and allowed), else ("cpu", float32)."""
+    """(device, torch dtype): CUDA when there (and allowed), else CPU; dtype from ``labelling.dtype``
+    ("auto": bfloat16 on CUDA, float32 on CPU)."""
     import torch
 
-    want = settings.labelling.device
+    want, dtype = settings.labelling.device, settings.labelling.dtype
     if want not in ("auto", "cpu", "cuda"):
         raise LabellingError(f"labelling.device must be auto, cpu or cuda (got {want!r})")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype != "auto" and dtype not in dtypes:
+        raise LabellingError(f"labelling.dtype must be auto, bf16, fp16 or fp32 (got {dtype!r})")
     if want == "cuda" and not torch.cuda.is_available():
         raise LabellingError("labelling.device is cuda but no CUDA device is available")
-    if want != "cpu" and torch.cuda.is_available():
-        return "cuda", torch.bfloat16
-    return "cpu", torch.float32
+    device = "cuda" if want != "cpu" and torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        return device, torch.bfloat16 if device == "cuda" else torch.float32
+    return device, dtypes[dtype]
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

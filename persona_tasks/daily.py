@@ -1,0 +1,484 @@
+"""The task bodies of the Airflow DAG ``persona_daily`` (dags/persona_daily.py), as plain functions.
+
+Each function takes ``(settings, run_date, ...)`` and returns a JSON-able dict (the DAG passes it on as an XCom);
+the DAG file only wires them. They can be called from a Python shell or a test without Airflow.
+
+One run processes one data day ``run_date`` (the DAG run's logical date, i.e. the start of its daily data
+interval):
+
+1. ``ingest_landing``: every file of ``<landing_dir>/<run_date>/`` (format ``[orchestration] landing_format``)
+   into ``raw.events``; an fsspec URL as ``landing_dir`` is copied to the work folder first. Re-ingesting a file
+   adds nothing (same content = same batch).
+2. ``gate_raw``: reconciliation of the day's ingest batches (``rows_read = rows_accepted + rows_rejected`` in the
+   ledger, the quarantine and ``raw.events`` agree with it) and ``rejected / read <= max_rejected_share``.
+3. ``build``: ``dbt build`` (models and their tests; a failing test raises).
+4. ``gate_memories``: the build ran tests and none failed; every valid action of the day is in exactly one
+   intent memory of the day (``sum(n_actions) = count(stg_events)``); the day has memories.
+5. ``embed``: embeds the memories that started before the end of the day (incremental) and exports the
+   clustering input to ``<work_dir>/<run_date>/cluster_input.parquet``, so the shard tasks need no warehouse.
+6. ``cluster_shard`` (mapped over ``n_shards``): clusters one user shard from that file into Parquet files.
+7. ``store_clusters``: writes every shard's clusters (``persona_tasks.cluster.write_clusters``, shard-wise
+   replace, as ``induce.cluster_step`` does).
+8. ``label``: ``induce.label_step`` (labels every cluster, stages the run); ``score``: ``quality.score_run``.
+9. ``gate_personas``: floors of ``[orchestration]`` on the staged run (personas, scored share, coverage, mean
+   quality scores).
+10. ``publish``: ``publish.publish_run`` (one transaction); ``serve``: the analysts' serving copy
+    (``persona_tasks.serving``).
+
+A failed gate raises :class:`GateError` (``check`` names the failing check); nothing is published, so the last
+published personas and the serving copy stay as they were. Everything is idempotent: rerunning a task or a day
+gives the same rows (timestamps of processing aside).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+from persona_tasks.config import Settings
+from persona_tasks.errors import PersonaEtlError
+
+log = logging.getLogger(__name__)
+
+
+class GateError(PersonaEtlError):
+    """A data-quality gate failed; ``check`` names the check (stored in ops_alerts.failing_check)."""
+
+    def __init__(self, check: str, message: str):
+        self.check = check
+        super().__init__(f"gate check {check} failed: {message}")
+
+
+def as_date(run_date: date | datetime | str) -> date:
+    if isinstance(run_date, datetime):
+        return run_date.date()
+    if isinstance(run_date, date):
+        return run_date
+    return date.fromisoformat(str(run_date)[:10])
+
+
+def day_end(run_date: date) -> datetime:
+    return datetime.combine(run_date + timedelta(days=1), datetime.min.time())
+
+
+def work_dir(settings: Settings) -> Path:
+    w = settings.orchestration.work_dir
+    if w is None:
+        return Path(settings.warehouse).parent / "work"
+    return w if w.is_absolute() else settings.project_dir / w
+
+
+def run_dir(settings: Settings, run_date: date | str) -> Path:
+    d = work_dir(settings) / as_date(run_date).isoformat()
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def landing_location(settings: Settings) -> str:
+    loc = settings.orchestration.landing_dir
+    if "://" in loc or Path(loc).is_absolute():
+        return loc
+    return str(settings.project_dir / loc)
+
+
+def _is_url(loc: str) -> bool:
+    return "://" in loc and not loc.startswith("file://")
+
+
+def landing_files(settings: Settings, run_date: date | str) -> list[Path]:
+    """The day's landing files as local paths (an object-store location is copied to the work folder first)."""
+    day = as_date(run_date).isoformat()
+    loc = landing_location(settings)
+    if loc.startswith("file://"):
+        loc = loc[len("file://"):]
+    if not _is_url(loc):
+        folder = Path(loc) / day
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(loc.rstrip("/") + "/" + day)
+    if not fs.exists(root):
+        return []
+    remote = sorted(p for p in fs.ls(root, detail=False) if fs.isfile(p) and not Path(p).name.startswith("."))
+    local_dir = run_dir(settings, day) / "landing"
+    if local_dir.exists():
+        shutil.rmtree(local_dir)
+    local_dir.mkdir(parents=True)
+    out = []
+    for p in remote:
+        dest = local_dir / Path(p).name
+        fs.get(p, str(dest))
+        out.append(dest)
+    log.info("landing: copied %d file(s) of %s from %s", len(out), day, fs.protocol)
+    return out
+
+
+# --- 1. ingest -------------------------------------------------------------------------------------------------
+
+def ingest_landing(settings: Settings, run_date: date | str) -> dict:
+    """Ingest the day's landing files; returns the batches (new or already present) and their counts."""
+    from persona_tasks.ingest import ingest_files
+
+    day = as_date(run_date)
+    cfg = settings.orchestration
+    files = landing_files(settings, day)
+    if not files:
+        log.warning("ingest: no landing files for %s", day)
+        return {"run_date": day.isoformat(), "files": [], "batch_ids": []}
+    report = ingest_files(settings, cfg.landing_format, files, source=cfg.landing_source)
+    out = [{"file": f.file, "batch_id": f.batch_id, "skipped": f.skipped, "rows_read": f.rows_read,
+            "rows_accepted": f.rows_accepted, "rows_rejected": f.rows_rejected, "events_new": f.events_new}
+           for f in report.files]
+    return {"run_date": day.isoformat(), "files": out, "batch_ids": sorted({f["batch_id"] for f in out})}
+
+
+# --- 2. raw gate -----------------------------------------------------------------------------------------------
+
+def gate_raw(settings: Settings, run_date: date | str, ingested: dict) -> dict:
+    """Reconcile the day's batches and bound the rejected share (raises GateError)."""
+    from persona_tasks.warehouse import connect_read_only, query_pl
+
+    day = as_date(run_date)
+    cfg = settings.orchestration
+    batch_ids = list(ingested.get("batch_ids") or [])
+    if not batch_ids:
+        if cfg.allow_empty_day:
+            return {"run_date": day.isoformat(), "batches": 0, "rows_read": 0, "rejected_share": 0.0}
+        raise GateError("landing_files", f"no landing files for {day} in {landing_location(settings)}")
+    con = connect_read_only(settings)
+    try:
+        ledger = query_pl(con, """
+            SELECT b.batch_id, b.rows_read, b.rows_accepted, b.rows_rejected, b.events_new, b.events_duplicate,
+                   (SELECT count(*) FROM raw.events_rejected r WHERE r.batch_id = b.batch_id) AS quarantined,
+                   (SELECT count(*) FROM raw.events e WHERE e.batch_id = b.batch_id) AS events_stored
+            FROM raw.ingest_batches b WHERE list_contains($ids, b.batch_id) ORDER BY b.batch_id
+            """, {"ids": batch_ids})
+    finally:
+        con.close()
+    missing = sorted(set(batch_ids) - set(ledger["batch_id"].to_list()))
+    if missing:
+        raise GateError("ledger_complete", f"{len(missing)} ingested batch(es) have no ledger row")
+    bad = ledger.filter(ledger["rows_read"] != ledger["rows_accepted"] + ledger["rows_rejected"])
+    if bad.height:
+        raise GateError("reconciliation", f"{bad.height} batch(es) with rows_read != accepted + rejected")
+    bad = ledger.filter(ledger["quarantined"] != ledger["rows_rejected"])
+    if bad.height:
+        raise GateError("quarantine_count", f"{bad.height} batch(es) whose raw.events_rejected rows differ from "
+                        "the ledger's rows_rejected")
+    bad = ledger.filter(ledger["events_stored"] != ledger["events_new"])
+    if bad.height:
+        raise GateError("events_count", f"{bad.height} batch(es) whose raw.events rows differ from events_new")
+    read, rejected = int(ledger["rows_read"].sum()), int(ledger["rows_rejected"].sum())
+    share = rejected / read if read else 0.0
+    result = {"run_date": day.isoformat(), "batches": ledger.height, "rows_read": read,
+              "rows_accepted": int(ledger["rows_accepted"].sum()), "rows_rejected": rejected,
+              "rejected_share": round(share, 6)}
+    if read == 0 and not cfg.allow_empty_day:
+        raise GateError("rows_read", f"the landing files of {day} hold no rows")
+    if share > cfg.max_rejected_share:
+        raise GateError("rejected_share", f"{rejected} of {read} rows rejected ({share:.1%} > "
+                        f"{cfg.max_rejected_share:.1%}); reasons in raw.events_rejected")
+    log.info("gate_raw: %s", result)
+    return result
+
+
+# --- 3. dbt build ----------------------------------------------------------------------------------------------
+
+def build(settings: Settings, run_date: date | str) -> dict:
+    """``dbt build`` (incremental by event day; raises BuildError on a failing model or test)."""
+    from persona_tasks.dbt_runner import build as dbt_build
+
+    res = dbt_build(settings)
+    return {"run_date": as_date(run_date).isoformat(), "nodes_run": res.nodes_run,
+            "models": sum(1 for n in res.nodes if n.resource_type == "model" and n.status != "skipped"),
+            "tests": sum(1 for n in res.nodes if n.resource_type == "test" and n.status != "skipped"),
+            "failures": [n.name for n in res.failures], "seconds": round(res.total_seconds, 2)}
+
+
+# --- 4. memory gate --------------------------------------------------------------------------------------------
+
+def gate_memories(settings: Settings, run_date: date | str, built: dict) -> dict:
+    """The dbt tests ran and passed; the day's actions reconcile with its memories (raises GateError)."""
+    from persona_tasks.warehouse import connect_read_only, query_row
+
+    day = as_date(run_date)
+    if built.get("failures"):
+        raise GateError("dbt_tests", f"dbt nodes failed: {', '.join(built['failures'])}")
+    if not built.get("tests"):
+        raise GateError("dbt_tests", "the dbt build ran no tests")
+    con = connect_read_only(settings)
+    try:
+        n_mem, n_actions, n_users = query_row(
+            con, "SELECT count(*), coalesce(sum(n_actions), 0), count(DISTINCT user_id) FROM marts.intent_memories "
+                 "WHERE event_date = $d", {"d": day})
+        n_events = query_row(con, "SELECT count(*) FROM staging.stg_events WHERE event_date = $d", {"d": day})[0]
+        n_total = query_row(con, "SELECT count(*) FROM marts.intent_memories WHERE started_at < $e",
+                            {"e": day_end(day)})[0]
+        n_empty = query_row(con, "SELECT count(*) FROM marts.intent_memories WHERE event_date = $d AND "
+                                 "coalesce(trim(memory_text), '') = ''", {"d": day})[0]
+    finally:
+        con.close()
+    result = {"run_date": day.isoformat(), "memories": int(n_mem), "users": int(n_users), "actions": int(n_actions),
+              "events": int(n_events), "memories_up_to_day": int(n_total), "dbt_tests": built["tests"]}
+    if int(n_actions) != int(n_events):
+        raise GateError("actions_reconcile", f"{n_events} valid actions on {day} but the day's memories hold "
+                        f"{n_actions}")
+    if n_empty:
+        raise GateError("memory_text", f"{n_empty} memories of {day} have no text")
+    if n_mem == 0 and not settings.orchestration.allow_empty_day:
+        raise GateError("memories_exist", f"no intent memories on {day}")
+    if n_total == 0:
+        raise GateError("memories_exist", f"no intent memories up to {day}")
+    log.info("gate_memories: %s", result)
+    return result
+
+
+# --- 5. embed --------------------------------------------------------------------------------------------------
+
+def embed(settings: Settings, run_date: date | str) -> dict:
+    """Embed the memories that started before the end of the day; export the clustering input for the shards."""
+    import polars as pl
+
+    from persona_tasks.cluster import load_cluster_input
+    from persona_tasks.embed import SentenceTransformerEmbedder, embed_memories
+    from persona_tasks.warehouse import connect, query_pl
+
+    day = as_date(run_date)
+    embedder = SentenceTransformerEmbedder.from_settings(settings)
+    con = connect(settings)
+    try:
+        memories = query_pl(con, "SELECT memory_id, user_id, memory_text FROM marts.intent_memories "
+                                 "WHERE started_at < $e", {"e": day_end(day)})
+        rep = embed_memories(settings, con, memories=memories, embedder=embedder)
+        frame = load_cluster_input(con, embedder.model_version).filter(pl.col("started_at") < day_end(day))
+    finally:
+        con.close()
+    path = run_dir(settings, day) / "cluster_input.parquet"
+    tmp = path.with_suffix(".parquet.tmp")
+    frame.write_parquet(tmp)
+    tmp.replace(path)
+    return {"run_date": day.isoformat(), "model_version": embedder.model_version, "memories": memories.height,
+            "embedded": rep.n_new, "encoded": rep.n_encoded, "cluster_input": str(path),
+            "cluster_rows": frame.height, "users": frame["user_id"].n_unique() if frame.height else 0}
+
+
+# --- 6. cluster one shard (no warehouse access) ----------------------------------------------------------------
+
+def _shard_paths(settings: Settings, day: date, shard: int, n_shards: int) -> tuple[Path, Path]:
+    d = run_dir(settings, day) / "clusters"
+    d.mkdir(parents=True, exist_ok=True)
+    stem = f"shard-{shard:04d}-of-{n_shards:04d}"
+    return d / f"{stem}.assignments.parquet", d / f"{stem}.users.parquet"
+
+
+def cluster_shard(settings: Settings, run_date: date | str, shard: int, n_shards: int, embedded: dict) -> dict:
+    """Cluster the users of one shard (``cluster.shard_of``) from the exported input; results to Parquet."""
+    import polars as pl
+
+    from persona_tasks.cluster import cluster_users
+
+    day = as_date(run_date)
+    frame = pl.read_parquet(embedded["cluster_input"])
+    result = cluster_users(settings, frame, shard=shard, n_shards=n_shards)
+    a_path, u_path = _shard_paths(settings, day, shard, n_shards)
+    for df, p in ((result.assignments, a_path), (result.users, u_path)):
+        tmp = p.with_suffix(".tmp")
+        df.write_parquet(tmp)
+        tmp.replace(p)
+    return {"run_date": day.isoformat(), "shard": shard, "n_shards": n_shards, "strategy": result.strategy,
+            "seconds": round(result.seconds, 3), "assignments": str(a_path), "users_file": str(u_path),
+            "users": result.users.height, "memories": result.assignments.height}
+
+
+# --- 7. store clusters -----------------------------------------------------------------------------------------
+
+def store_clusters(settings: Settings, run_date: date | str, shards: list[dict], embedded: dict) -> dict:
+    """Write every shard's clusters to the warehouse (shard-wise replace, like ``induce.cluster_step``)."""
+    import polars as pl
+
+    from persona_tasks.cluster import ClusteringResult, write_clusters
+    from persona_tasks.warehouse import connect
+
+    day = as_date(run_date)
+    shards = sorted(shards, key=lambda s: s["shard"])
+    n = {s["n_shards"] for s in shards}
+    if len(n) != 1 or sorted(s["shard"] for s in shards) != list(range(next(iter(n)))):
+        raise PersonaEtlError(f"cluster shards incomplete: got {[s['shard'] for s in shards]} of {sorted(n)}")
+    n_shards = next(iter(n))
+    con = connect(settings)
+    try:
+        for s in shards:
+            result = ClusteringResult(pl.read_parquet(s["assignments"]), pl.read_parquet(s["users_file"]),
+                                      s["strategy"], s["seconds"])
+            write_clusters(con, result, embedded["model_version"], s["shard"], n_shards)
+    finally:
+        con.close()
+    return {"run_date": day.isoformat(), "n_shards": n_shards, "users": sum(s["users"] for s in shards),
+            "memories": sum(s["memories"] for s in shards)}
+
+
+# --- 8. label and score ----------------------------------------------------------------------------------------
+
+def label(settings: Settings, run_date: date | str, labeller: str | None = None,
+          llm_max_users: int | None = None) -> dict:
+    """Label every stored cluster (memories up to the day) and stage the run (``induce.label_step``)."""
+    from persona_tasks.induce import label_step
+    from persona_tasks.warehouse import connect
+
+    day = as_date(run_date)
+    labeller = labeller or settings.orchestration.labeller
+    if llm_max_users is None:
+        llm_max_users = settings.orchestration.llm_max_users
+    con = connect(settings)
+    try:
+        rep = label_step(settings, con, day, labeller, llm_max_users=llm_max_users)
+    finally:
+        con.close()
+    return {"run_date": day.isoformat(), "run_id": rep.run_id, "labeller": labeller, "users": rep.n_users,
+            "personas": rep.n_personas, "n_llm": rep.n_llm, "n_fallbacks": rep.n_fallbacks,
+            "coverage": round(rep.coverage, 6), "llm_stats": rep.llm_stats, "timings_s": rep.timings_s}
+
+
+def score(settings: Settings, run_date: date | str) -> dict:
+    """Quality scores of the staged run (``quality.score_run``)."""
+    import math
+
+    from persona_tasks.quality import score_run
+    from persona_tasks.warehouse import connect
+
+    day = as_date(run_date)
+    con = connect(settings)
+    try:
+        q = score_run(settings, con, day)
+    finally:
+        con.close()
+    means = {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v))
+             for k, v in q.means.items()}
+    return {"run_date": day.isoformat(), "personas": q.n_personas, "scored": q.n_scored, "means": means}
+
+
+# --- 9. persona gate -------------------------------------------------------------------------------------------
+
+def gate_personas(settings: Settings, run_date: date | str) -> dict:
+    """Floors of ``[orchestration]`` on the staged run (raises GateError)."""
+    from persona_tasks.warehouse import connect_read_only, query_row
+
+    day = as_date(run_date)
+    cfg = settings.orchestration
+    con = connect_read_only(settings)
+    try:
+        n, n_scored, coh, ali, tru, obj = query_row(con, """
+            SELECT count(*), count(objective), avg(cohesion), avg(alignment), avg(truthfulness), avg(objective)
+            FROM personas.staged_personas WHERE run_date = $d""", {"d": day})
+        cov = query_row(con, "SELECT max(coverage) FROM personas.induction_runs WHERE run_date = $d", {"d": day})
+        n_empty = query_row(con, "SELECT count(*) FROM personas.staged_personas WHERE run_date = $d AND "
+                                 "(trim(label) = '' OR trim(description) = '' OR n_evidence < 1)", {"d": day})[0]
+    finally:
+        con.close()
+    means = {"cohesion": coh, "alignment": ali, "truthfulness": tru, "objective": obj}
+    coverage = cov[0] if cov else None
+    result = {"run_date": day.isoformat(), "personas": int(n), "scored": int(n_scored),
+              "coverage": None if coverage is None else round(float(coverage), 6),
+              "means": {k: None if v is None else round(float(v), 6) for k, v in means.items()}}
+    if n < cfg.min_personas:
+        raise GateError("min_personas", f"{n} personas staged for {day} (< {cfg.min_personas})")
+    if n_empty:
+        raise GateError("persona_shape", f"{n_empty} staged personas with an empty label/description or no evidence")
+    if n_scored / n < cfg.min_scored_share:
+        raise GateError("scored_share", f"{n_scored} of {n} personas scored (< {cfg.min_scored_share:.0%})")
+    if coverage is None or coverage < cfg.min_coverage:
+        raise GateError("coverage", f"coverage {coverage} below {cfg.min_coverage}")
+    for k, floor in cfg.quality_floors.items():
+        v = means.get(k)
+        if v is None or v < floor:
+            raise GateError(f"quality_{k}", f"mean {k} {v if v is None else round(float(v), 4)} below floor {floor}")
+    log.info("gate_personas: %s", result)
+    return result
+
+
+# --- 10. publish and serve -------------------------------------------------------------------------------------
+
+def publish(settings: Settings, run_date: date | str) -> dict:
+    """Publish the staged run (one transaction: readers never see half a run)."""
+    from persona_tasks.publish import publish_run
+    from persona_tasks.warehouse import connect
+
+    day = as_date(run_date)
+    con = connect(settings)
+    try:
+        rep = publish_run(settings, con, day)
+    finally:
+        con.close()
+    return {"run_date": day.isoformat(), "personas": rep.n_personas, "evidence": rep.n_evidence,
+            "users": rep.n_users, "topics": rep.n_topics}
+
+
+def serve(settings: Settings, run_date: date | str) -> dict:
+    """Swap in a fresh read-only serving copy for analysts (``persona_tasks.serving``)."""
+    from persona_tasks.serving import publish_serving
+
+    day = as_date(run_date)
+    out = publish_serving(settings, day)
+    out["work_dirs_removed"] = cleanup_work(settings, day)
+    return out
+
+
+def cleanup_work(settings: Settings, run_date: date | str, keep_days: int = 7) -> int:
+    """Remove the scratch folders of runs more than ``keep_days`` before ``run_date`` (a cleared task of a recent
+    run still finds its inputs)."""
+    root, day, n = work_dir(settings), as_date(run_date), 0
+    if not root.is_dir():
+        return 0
+    for d in root.iterdir():
+        try:
+            old = date.fromisoformat(d.name) < day - timedelta(days=keep_days)
+        except ValueError:
+            continue
+        if d.is_dir() and old:
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+    return n
+
+
+def run_day(settings: Settings, run_date: date | str, labeller: str | None = None) -> dict:
+    """Every step of a day in order, in this process (what the DAG does, without Airflow)."""
+    t0 = time.perf_counter()
+    day = as_date(run_date)
+    out: dict = {}
+    out["ingest"] = ingest_landing(settings, day)
+    out["gate_raw"] = gate_raw(settings, day, out["ingest"])
+    out["build"] = build(settings, day)
+    out["gate_memories"] = gate_memories(settings, day, out["build"])
+    out["embed"] = embed(settings, day)
+    n = settings.orchestration.n_shards
+    shards = [cluster_shard(settings, day, k, n, out["embed"]) for k in range(n)]
+    out["store_clusters"] = store_clusters(settings, day, shards, out["embed"])
+    out["label"] = label(settings, day, labeller)
+    out["score"] = score(settings, day)
+    out["gate_personas"] = gate_personas(settings, day)
+    out["publish"] = publish(settings, day)
+    out["serve"] = serve(settings, day)
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def sample_landing_day(settings: Settings, run_date: date | str) -> Path:
+    """Write ``<landing_dir>/<day>/aol_<day>.tsv``: the bundled AOL sample's rows of that day, in the original
+    layout (for ``make demo`` / ``airflow dags test``; a local landing folder only)."""
+    import gzip
+
+    day = as_date(run_date).isoformat()
+    src = settings.project_dir / "data" / "aol" / "aol_sample.tsv.gz"
+    with gzip.open(src, "rt", encoding="utf-8", newline="") as f:
+        header = f.readline()
+        rows = [line for line in f if line.split("\t")[2].startswith(day)]
+    out = Path(landing_location(settings)) / day
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"aol_{day}.tsv"
+    path.write_text(header + "".join(rows), encoding="utf-8")
+    return path
