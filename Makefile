@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: install demo demo-cli airflow test bench docs clean help
+.PHONY: install demo demo-cli airflow test bench bench-daily docs clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:/'
@@ -37,6 +37,9 @@ test: install  ## the full test suite (what CI runs)
 bench: install  ## benchmarks (figures go into docs/performance.md)
 	$(BIN)/python bench/bench_memories.py
 	$(BIN)/python bench/bench_clustering.py
+
+bench-daily: install  ## the daily DAG's steps end to end on a generated day (docs/performance.md)
+	$(BIN)/python bench/bench_daily.py --small-events 50000 --small-users 500 --embed-sample 1000
 
 docs: install  ## dbt docs for analysts (dbt_project/target/index.html)
 	$(BIN)/python -c "from persona_tasks.dbt_runner import docs_generate; from persona_tasks.config import load_settings; docs_generate(load_settings())"
