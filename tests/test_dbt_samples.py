@@ -111,12 +111,12 @@ def test_sample_memory_text_reads_like_the_source(sample):
         assert text.startswith("rated ")
 
 
+@pytest.mark.parametrize("sample", ["aol"], indirect=True)
 def test_aol_search_comes_before_its_same_second_clicks(sample):
     """AOL logs a query and its clicks with one timestamp: in every memory the search comes first (the tie-break
     of docs/ARCHITECTURE.md; event_id, a hash, alone would put about half of those clicks first)."""
     name, settings, _ = sample
-    if name != "aol":
-        pytest.skip("searches and clicks sharing a timestamp are AOL's")
+    assert name == "aol"
     with connect_read_only(settings) as con:
         with_tie, click_first, starts_with_click = con.execute("""
             WITH positions AS (
