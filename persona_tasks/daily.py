@@ -345,21 +345,17 @@ def label(settings: Settings, run_date: date | str, labeller: str | None = None,
 
 
 def score(settings: Settings, run_date: date | str) -> dict:
-    """Quality scores of the staged run (``quality.score_run``)."""
-    import math
-
-    from persona_tasks.quality import score_run
+    """Quality scores of the staged run (``induce.quality_step`` = ``quality.score_run``)."""
+    from persona_tasks.induce import quality_step
     from persona_tasks.warehouse import connect
 
     day = as_date(run_date)
     con = connect(settings)
     try:
-        q = score_run(settings, con, day)
+        q = quality_step(settings, con, day)
     finally:
         con.close()
-    means = {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v))
-             for k, v in q.means.items()}
-    return {"run_date": day.isoformat(), "personas": q.n_personas, "scored": q.n_scored, "means": means}
+    return {"run_date": day.isoformat(), "personas": q.n_personas, "scored": q.n_scored, "means": q.finite_means()}
 
 
 # --- 9. persona gate -------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
@@ -216,7 +215,7 @@ def quality_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: d
     q = score_run(settings, con, run_date, users=users)
     if report is not None:
         report.n_scored = q.n_scored
-        report.quality_means = {k: (None if math.isnan(v) else float(v)) for k, v in q.means.items()}
+        report.quality_means = q.finite_means()
         report.timings_s["quality"] = round(time.perf_counter() - t, 2)
     return q
 

@@ -28,6 +28,8 @@ every claim of a chunk of users in one batched encode call, and updates the four
 
 from __future__ import annotations
 
+import math
+
 import logging
 import re
 import time
@@ -428,6 +430,10 @@ class QualityReport:
     n_claims: int       # distinct claim texts embedded
     seconds: float
     means: dict[str, float]
+
+    def finite_means(self) -> dict[str, float | None]:
+        """``means`` with NaN (nothing scored) as None: JSON-safe, for reports and task results."""
+        return {k: (None if v is None or math.isnan(v) else float(v)) for k, v in self.means.items()}
 
     def summary(self) -> str:
         m = ", ".join(f"{k} {v:.3f}" for k, v in self.means.items())
