@@ -76,8 +76,18 @@ class EmbeddingSettings(BaseModel):
     batch_size: int = 64
     # torch device for the encoder ("cpu", "cuda", "cuda:0", ...)
     device: str = "cpu"
-    # memories encoded and written per warehouse transaction (a crash loses at most one chunk of work)
-    write_chunk: int = 4096
+    # distinct texts encoded (each once) and written per warehouse transaction, with every memory that has one of
+    # them (a crash loses at most one chunk of work); large chunks also pad less (texts are length-sorted per chunk)
+    write_chunk: int = Field(default=4096, ge=1)
+    # cap on word pieces per text; None = the model's own (256 for all-MiniLM-L6-v2, which no AOL-sample memory
+    # reaches: memory_text is capped at 600 characters, at most 212 word pieces). 128 would truncate 3.4% of them
+    # (cosine down to 0.915) for no measurable speed-up. A cap below the model's own changes vectors, so it
+    # changes model_version (suffix "+seq<N>"); see docs/performance.md "Embedding throughput"
+    max_seq_length: int | None = Field(default=None, ge=8)
+    # int8 dynamic quantisation of the encoder's Linear layers (CPU only): 1.3-1.6x faster, but vectors only close
+    # to fp32 (cosine 0.97 mean, 0.93 min on AOL memories), so off by default; it changes model_version (suffix
+    # "+int8"); see docs/performance.md "Embedding throughput"
+    quantize: bool = False
 
 
 class ClusteringSettings(BaseModel):

@@ -17,17 +17,26 @@ Storage: ``personas.memory_embeddings`` keyed by ``(memory_id, model_version)``:
 
 A run (``embed_memories``) embeds only the memories with no row for ``(memory_id, model_version)`` (or a stale
 one): a daily run touches only new memories, a second run on the same data embeds nothing. Before encoding it
-copies the vector of any already-embedded memory with the same text (same md5, same model version), and within
-a chunk identical texts are encoded once. Work is done in chunks of ``[embedding] write_chunk`` memories, each
-written in its own transaction, so an interrupted backfill resumes where it stopped. Progress and memories/s go
+copies the vector of any already-embedded memory with the same text (same md5, same model version), and encodes
+each remaining distinct text once, fanning its vector out to every memory with that text (AOL users repeat
+queries: about a quarter of the bundled sample's memories share their text with another). Work is done in chunks
+of ``[embedding] write_chunk`` distinct texts (with all their memories), each written in its own transaction, so an
+interrupted backfill resumes where it stopped.
+
+Encoder variants (``[embedding] max_seq_length``, ``quantize``): a word-piece cap below the model's own and int8
+dynamic quantisation both give vectors that differ (slightly) from the model's own fp32 ones, so they are stored
+under their own ``model_version`` (``all-MiniLM-L6-v2@3f1c...+seq128+int8``) and never mix with them; the measured
+speed and quality trade-off is in docs/performance.md "Embedding throughput". Progress and memories/s go
 to the log (``persona_tasks.progress``); torch and BLAS threads are pinned to ``settings.threads``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -128,27 +137,63 @@ def model_version_of(path: Path) -> str:
     return f"{name}@{_fingerprint(path, _files_signature(path))}"
 
 
+def native_max_seq_length(path: Path) -> int | None:
+    """The model directory's own ``max_seq_length`` (``sentence_bert_config.json``), without loading it."""
+    cfg = Path(path) / "sentence_bert_config.json"
+    try:
+        value = json.loads(cfg.read_text()).get("max_seq_length")
+    except (OSError, ValueError):
+        return None
+    return int(value) if value else None
+
+
+def variant_suffix(max_seq_length: int | None, quantize: bool, native: int | None) -> str:
+    """What is appended to ``model_version`` for an encoder that does not give the model's own fp32 vectors:
+    ``+seq<N>`` for a word-piece cap below the model's own, ``+int8`` for dynamic int8 quantisation."""
+    suffix = ""
+    if max_seq_length is not None and max_seq_length != native:
+        suffix += f"+seq{int(max_seq_length)}"
+    if quantize:
+        suffix += "+int8"
+    return suffix
+
+
 class SentenceTransformerEmbedder:
-    """A local sentence-transformers model (loaded lazily, offline) behind the ``Embedder`` protocol."""
+    """A local sentence-transformers model (loaded lazily, offline) behind the ``Embedder`` protocol.
+
+    ``max_seq_length``: word-piece cap (None = the model's own; larger than the model's own is refused).
+    ``quantize``: int8 dynamic quantisation of the ``nn.Linear`` layers (CPU only). Either one changes
+    ``model_version`` (see ``variant_suffix``) so its vectors never mix with the model's own fp32 ones.
+    """
 
     def __init__(self, model_path: Path | None = None, *, batch_size: int = 64, device: str = "cpu",
-                 threads: int | None = None):
+                 threads: int | None = None, max_seq_length: int | None = None, quantize: bool = False):
         self.model_path = Path(model_path) if model_path else default_model_path()
         self.batch_size = batch_size
         self.device = device
         self.threads = threads
+        self.max_seq_length = max_seq_length
+        self.quantize = quantize
+        if quantize and not str(device).startswith("cpu"):
+            raise EmbeddingError(f"embedding.quantize needs device = \"cpu\" (int8 dynamic quantisation), "
+                                 f"not {device!r}")
+        native = native_max_seq_length(self.model_path)
+        if max_seq_length is not None and native is not None and max_seq_length > native:
+            raise EmbeddingError(f"embedding.max_seq_length = {max_seq_length} is above the model's own {native}")
         self._model = None
         self._version: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SentenceTransformerEmbedder:
-        return _cached_embedder(resolve_model_path(settings), settings.embedding.batch_size,
-                                settings.embedding.device, settings.threads)
+        e = settings.embedding
+        return _cached_embedder(resolve_model_path(settings), e.batch_size, e.device, settings.threads,
+                                e.max_seq_length, e.quantize)
 
     @property
     def model_version(self) -> str:
         if self._version is None:
-            self._version = model_version_of(self.model_path)
+            self._version = model_version_of(self.model_path) + variant_suffix(
+                self.max_seq_length, self.quantize, native_max_seq_length(self.model_path))
         return self._version
 
     @property
@@ -159,8 +204,16 @@ class SentenceTransformerEmbedder:
             if self.threads:
                 set_threads(self.threads)
             t0 = time.perf_counter()
-            self._model = SentenceTransformer(str(self.model_path), device=self.device, local_files_only=True)
-            self._model.eval()
+            model = SentenceTransformer(str(self.model_path), device=self.device, local_files_only=True)
+            model.eval()
+            if self.max_seq_length is not None:
+                if self.max_seq_length > (model.max_seq_length or self.max_seq_length):
+                    raise EmbeddingError(f"embedding.max_seq_length = {self.max_seq_length} is above the model's "
+                                         f"own {model.max_seq_length}")
+                model.max_seq_length = self.max_seq_length
+            if self.quantize:
+                model = quantize_dynamic_int8(model)
+            self._model = model
             log.info("embedding model %s loaded on %s in %.1fs", self.model_version, self.device,
                      time.perf_counter() - t0)
         return self._model
@@ -183,10 +236,30 @@ class SentenceTransformerEmbedder:
         return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def quantize_dynamic_int8(model):
+    """``model`` with every ``nn.Linear`` replaced by an int8 dynamically-quantised one (weights int8 per output
+    channel, activations quantised per batch at run time; CPU). Per-channel weights: on the AOL sample they keep
+    cosine to fp32 at 0.97 mean where per-tensor weights give 0.93, and run faster. Uses
+    ``torch.ao.quantization.quantize_dynamic``, which torch 2.13 still ships but marks deprecated in favour of
+    torchao (not a dependency here): its deprecation warnings are muted."""
+    import torch
+
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError as e:  # pragma: no cover - a torch without the eager quantisation API
+        raise EmbeddingError("embedding.quantize: this torch has no torch.ao.quantization.quantize_dynamic") from e
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
+                                inplace=False)
+
+
 @lru_cache(maxsize=4)
-def _cached_embedder(path: Path, batch_size: int, device: str, threads: int) -> SentenceTransformerEmbedder:
+def _cached_embedder(path: Path, batch_size: int, device: str, threads: int, max_seq_length: int | None = None,
+                     quantize: bool = False) -> SentenceTransformerEmbedder:
     # one loaded model per process and configuration (Airflow tasks and tests call embed_memories repeatedly)
-    return SentenceTransformerEmbedder(path, batch_size=batch_size, device=device, threads=threads)
+    return SentenceTransformerEmbedder(path, batch_size=batch_size, device=device, threads=threads,
+                                       max_seq_length=max_seq_length, quantize=quantize)
 
 
 @dataclass(frozen=True)
@@ -286,16 +359,16 @@ def _embed(settings: Settings, con: duckdb.DuckDBPyConnection, memories: pl.Data
     src = _source_sql(con, memories)
     version = embedder.model_version
     n_total = con.execute(f"SELECT count(*) FROM {src}").fetchall()[0][0]
-    # the work list, materialised once (DuckDB spills it to disk if large), in a deterministic order that puts
-    # identical texts next to each other (so they fall in one chunk and are encoded once)
+    # the work list, materialised once (DuckDB spills it to disk if large); tn numbers the distinct texts (by md5)
+    # so that a chunk is a range of whole texts: every distinct text is encoded exactly once per run
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE _embed_todo AS
-        SELECT row_number() OVER (ORDER BY md5(coalesce(m.memory_text, '')), m.memory_id) AS rn,
-               m.memory_id, m.memory_text, md5(coalesce(m.memory_text, '')) AS text_md5
-        FROM {src} m
-        LEFT JOIN {EMBEDDINGS_TABLE} e ON e.memory_id = m.memory_id AND e.model_version = $v
-        WHERE e.memory_id IS NULL OR e.text_md5 <> md5(coalesce(m.memory_text, ''))
+        SELECT dense_rank() OVER (ORDER BY t.text_md5) AS tn, t.*
+        FROM (SELECT m.memory_id, m.memory_text, md5(coalesce(m.memory_text, '')) AS text_md5
+              FROM {src} m
+              LEFT JOIN {EMBEDDINGS_TABLE} e ON e.memory_id = m.memory_id AND e.model_version = $v
+              WHERE e.memory_id IS NULL OR e.text_md5 <> md5(coalesce(m.memory_text, ''))) t
         """,
         {"v": version},
     )
@@ -312,27 +385,29 @@ def _embed(settings: Settings, con: duckdb.DuckDBPyConnection, memories: pl.Data
     n_texts = 0
     log.info("embed %s: %d memories, %d up to date, %d copied from identical texts, %d to encode",
              version, n_total, n_total - n_todo, n_reused, n_encode)
+    # tn values left after the copy step (not contiguous any more): walk them in ranges of `chunk` distinct texts
+    max_tn = con.execute("SELECT coalesce(max(tn), 0) FROM _embed_todo").fetchall()[0][0] if n_encode else 0
     with Progress("embed", total=n_encode, unit="memories") as progress:
-        last_rn = 0
-        while True:
+        last_tn = 0
+        while last_tn < max_tn:
             df = con.sql(
-                "SELECT rn, memory_id, memory_text, text_md5 FROM _embed_todo WHERE rn > $a ORDER BY rn LIMIT $n",
-                params={"a": last_rn, "n": chunk},
+                "SELECT tn, memory_id, memory_text, text_md5 FROM _embed_todo "
+                "WHERE tn IN (SELECT DISTINCT tn FROM _embed_todo WHERE tn > $a ORDER BY tn LIMIT $n) "
+                "ORDER BY tn, memory_id",
+                params={"a": last_tn, "n": chunk},
             ).pl()
             if df.is_empty():
                 break
-            last_rn = int(df["rn"][-1])
-            texts = df["memory_text"].fill_null("")
-            uniq = texts.unique(maintain_order=True)
-            vectors = embedder.encode(uniq.to_list())
-            n_texts += len(uniq)
-            idx = texts.to_frame("t").join(
-                uniq.to_frame("t").with_row_index("i"), on="t", how="left", maintain_order="left"
-            )["i"].to_numpy()
+            last_tn = int(df["tn"][-1])
+            # one encode per distinct text (md5 groups equal texts), fanned out to its memories
+            codes = df["tn"].rle_id().to_numpy()
+            first = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+            vectors = embedder.encode(df["memory_text"].fill_null("").gather(first).to_list())
+            n_texts += len(first)
             table = pa.table({
                 "memory_id": df["memory_id"].to_arrow(),
                 "text_md5": df["text_md5"].to_arrow(),
-                "embedding": _list_array(vectors[idx]),
+                "embedding": _list_array(vectors[codes]),
             })
             con.register("_embed_chunk", table)
             with transaction(con):

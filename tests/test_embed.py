@@ -179,3 +179,101 @@ def test_embeddings_to_numpy_handles_list_and_array_columns():
     np.testing.assert_array_equal(E.embeddings_to_numpy(as_array), m)
     with pytest.raises(E.EmbeddingError):
         E.embeddings_to_numpy(pl.Series("e", [[1.0, 2.0], [1.0]]))
+
+
+class RecordingEmbedder(E.SentenceTransformerEmbedder):
+    """The real MiniLM embedder (real forward passes), recording every batch of texts sent through the model."""
+
+    def __init__(self, **kw):
+        super().__init__(batch_size=8, threads=1, **kw)
+        self.batches: list[list[str]] = []
+
+    def encode(self, texts):
+        self.batches.append(list(texts))
+        return super().encode(texts)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [len(b) for b in self.batches]
+
+
+@pytest.fixture(scope="module")
+def recording() -> RecordingEmbedder:
+    return RecordingEmbedder()
+
+
+def test_dedup_encodes_each_distinct_text_once_with_the_per_memory_vectors(tmp_path, recording):
+    # 12 memories over 4 distinct texts, chunks of 2 texts: repeats of a text never straddle two chunks
+    texts = [TEXTS["m1"], TEXTS["m2"], TEXTS["m3"], TEXTS["m5"]]
+    ids = [f"d{i:02d}" for i in range(12)]
+    frame = pl.DataFrame({"memory_id": ids, "memory_text": [texts[(i * 7) % 4] for i in range(12)]})
+    s = load_settings(warehouse=tmp_path / "w.duckdb", threads=1, embedding={"write_chunk": 2})
+    recording.batches.clear()
+    with connect(s) as con:
+        r = E.embed_memories(s, con, frame, recording)
+        got = stored(con)
+    assert (r.n_memories, r.n_encoded, r.n_reused, r.n_texts_encoded) == (12, 12, 0, 4)
+    sent = [t for b in recording.batches for t in b]
+    assert sorted(sent) == sorted(texts)  # every distinct text through the model exactly once
+    assert recording.batch_sizes == [2, 2]  # one encode per chunk of write_chunk distinct texts
+    # same vectors as embedding every memory on its own (real model, one text per call)
+    x = E.embeddings_to_numpy(got["embedding"])
+    by_id = dict(zip(frame["memory_id"], frame["memory_text"]))
+    one_by_one = np.vstack([E.SentenceTransformerEmbedder.encode(recording, [by_id[m]]) for m in got["memory_id"]])
+    np.testing.assert_allclose(x, one_by_one, atol=1e-5)
+    for t in texts:  # memories sharing a text share the very same vector
+        rows = x[[by_id[m] == t for m in got["memory_id"]]]
+        assert len(rows) == 3 and (rows == rows[0]).all()
+
+
+def test_unchanged_text_reuses_the_stored_vector(settings, recording):
+    with connect(settings) as con:
+        E.embed_memories(settings, con, memories(["m1", "m2"]), recording)
+        first = stored(con)
+        recording.batches.clear()
+        # next day: m4 repeats m1's text, m5 is new
+        r = E.embed_memories(settings, con, memories(["m1", "m2", "m4", "m5"]), recording)
+        after = stored(con)
+    assert (r.n_up_to_date, r.n_reused, r.n_encoded, r.n_texts_encoded) == (2, 1, 1, 1)
+    assert recording.batches == [[TEXTS["m5"]]]  # m1's text did not go through the model again
+    v = dict(zip(after["memory_id"], E.embeddings_to_numpy(after["embedding"])))
+    assert (v["m4"] == E.embeddings_to_numpy(first["embedding"])[0]).all()  # bit-identical copy of m1's vector
+
+
+def test_model_version_changes_with_the_cap_and_quantisation(tmp_path):
+    base = E.SentenceTransformerEmbedder().model_version
+    capped = E.SentenceTransformerEmbedder(max_seq_length=128).model_version
+    quant = E.SentenceTransformerEmbedder(quantize=True).model_version
+    both = E.SentenceTransformerEmbedder(max_seq_length=128, quantize=True).model_version
+    assert len({base, capped, quant, both}) == 4
+    assert (capped, quant, both) == (base + "+seq128", base + "+int8", base + "+seq128+int8")
+    assert E.SentenceTransformerEmbedder(max_seq_length=256).model_version == base  # the model's own cap
+    assert E.SentenceTransformerEmbedder(max_seq_length=64).model_version != capped
+    s = load_settings(warehouse=tmp_path / "w.duckdb", embedding={"max_seq_length": 128, "quantize": True})
+    assert E.SentenceTransformerEmbedder.from_settings(s).model_version == both
+    assert E.SentenceTransformerEmbedder.from_settings(load_settings(warehouse=tmp_path / "w.duckdb")).model_version \
+        == base
+    with pytest.raises(E.EmbeddingError, match="above the model's own 256"):
+        E.SentenceTransformerEmbedder(max_seq_length=512)
+    with pytest.raises(E.EmbeddingError, match="cpu"):
+        E.SentenceTransformerEmbedder(quantize=True, device="cuda")
+
+
+def test_capped_and_quantised_encoders_are_real_and_stored_apart(settings, embedder):
+    long_text = "; ".join(f"searched: {w} espresso grinder review" for w in ("best", "cheap", "quiet", "manual"))
+    capped = E.SentenceTransformerEmbedder(batch_size=8, threads=1, max_seq_length=16)
+    quant = E.SentenceTransformerEmbedder(batch_size=8, threads=1, quantize=True)
+    full = embedder.encode([long_text, TEXTS["m2"]])
+    cut = capped.encode([long_text, TEXTS["m2"]])
+    q = quant.encode([long_text, TEXTS["m2"]])
+    assert not np.allclose(cut[0], full[0], atol=1e-3)  # the cap truncates a long text ...
+    assert cut[0] @ full[0] > 0.5  # ... to its beginning
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+    assert (q * full).sum(axis=1).min() > 0.9  # int8 stays close to fp32 ...
+    assert not np.allclose(q, full, atol=1e-4)  # ... but is not the same vectors
+    with connect(settings) as con:
+        E.embed_memories(settings, con, memories(["m1"]), embedder)
+        r = E.embed_memories(settings, con, memories(["m1"]), quant)
+        assert (r.n_reused, r.n_encoded) == (0, 1)  # fp32 vectors are never copied into the int8 version
+        versions = [v[0] for v in con.sql("SELECT model_version FROM personas.memory_embeddings ORDER BY 1").fetchall()]
+    assert versions == sorted([embedder.model_version, embedder.model_version + "+int8"])
