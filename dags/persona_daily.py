@@ -91,7 +91,7 @@ def persona_daily():
     def gate_memories(built: dict, **context):
         return _call("gate_memories", context, built)
 
-    @task(**WRITER)
+    @task(**WRITER, queue=_cfg.embed_queue)
     def embed(checked: dict, **context):
         return _call("embed", context)
 

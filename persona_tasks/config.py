@@ -291,6 +291,9 @@ class OrchestrationSettings(BaseModel):
     warehouse_pool: str = "warehouse_writer"
     label_pool: str = "warehouse_writer"
     label_queue: str = "default"
+    # the embed task's queue: "gpu" moves embedding to a GPU worker (MiniLM: ~7,000 memories/s on an H200 vs
+    # ~40/s on 2 CPU cores, docs/performance.md); set embedding.device too if the worker should not auto-detect
+    embed_queue: str = "default"
     catchup: bool = False
     start_date: str = "2006-03-01"
 
