@@ -8,6 +8,35 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3.11}"
 STAMP="$VENV/.persona-etl-installed"
+# Optional system packages for the slow service tests (tests/test_dag_postgres.py, tests/test_dag_celery_run.py):
+# redis-server (Celery broker) and PostgreSQL (metadata DB). Installed only as root with apt-get; never fails the
+# install (elsewhere those tests skip). Not part of the venv stamp: checked on every run (cheap when present).
+# PERSONA_ETL_SYSTEM_PACKAGES=0 turns the step off.
+system_packages() {
+  local missing=()
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1; } \
+    || missing+=(postgresql)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "${PERSONA_ETL_SYSTEM_PACKAGES:-1}" != 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "install: apt-get install ${missing[*]} (for the Redis/PostgreSQL service tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    local apt=(apt-get); command -v timeout >/dev/null 2>&1 && apt=(timeout 600 apt-get)  # no network: give up
+    # package lists may be absent (slim images): update once and retry
+    if "${apt[@]}" install -y -qq --no-install-recommends redis-server postgresql >/dev/null 2>&1 \
+      || { "${apt[@]}" update -qq >/dev/null 2>&1 \
+           && "${apt[@]}" install -y -qq --no-install-recommends redis-server postgresql >/dev/null 2>&1; }; then
+      return 0
+    fi
+    echo "install: apt-get install failed; tests/test_dag_celery_run.py (redis-server, postgresql)" \
+         "and tests/test_dag_postgres.py (postgresql) will be skipped"
+    return 0
+  fi
+  local skipped="tests/test_dag_celery_run.py"
+  [[ " ${missing[*]} " == *" postgresql "* ]] && skipped="$skipped and tests/test_dag_postgres.py"
+  echo "install: no ${missing[*]} (needs root and apt-get to install); $skipped will be skipped"
+}
+system_packages || true
 LOCK_HASH=$(cat requirements/lock.txt pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$LOCK_HASH" ]; then
   echo "install: $VENV is up to date with requirements/lock.txt"; exit 0

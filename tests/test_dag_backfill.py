@@ -17,18 +17,16 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import duckdb
 import pytest
 
+from fixtures.services import Service, api_up, free_port, start_service, stop_services, wait_for
 from persona_tasks.config import PROJECT_DIR
 
 pytestmark = pytest.mark.slow
@@ -37,12 +35,6 @@ AIRFLOW = Path(sys.executable).parent / "airflow"
 DAGS = PROJECT_DIR / "dags"
 DAY1, DAY2 = "2006-03-01", "2006-03-02"
 TIMEOUT_S = 600  # both runs (about 2-4 min on 2 cores), plus service start-up
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def airflow_env(root: Path, home: Path, landing: Path, warehouse: Path) -> dict[str, str]:
@@ -76,54 +68,6 @@ def airflow_env(root: Path, home: Path, landing: Path, warehouse: Path) -> dict[
     return env
 
 
-def start(name: str, args: list[str], env: dict, root: Path) -> tuple[subprocess.Popen, Path]:
-    log = root / f"{name}.log"
-    f = open(log, "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([str(AIRFLOW), *args], env=env, cwd=root, stdout=f, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # own process group: its task children die with it
-    proc._log_file = f  # type: ignore[attr-defined]
-    return proc, log
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 30
-    for p in procs:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(p.pid, signal.SIGKILL)  # whatever is left of the group (task runners, gunicorn/uvicorn)
-        except ProcessLookupError:
-            pass
-        p.wait(timeout=10)
-        p._log_file.close()  # type: ignore[attr-defined]
-
-
-def tail(path: Path, n: int = 3000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else ""
-
-
-def wait_for(what: str, check, timeout: float, procs: dict[str, tuple[subprocess.Popen, Path]]):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for name, (p, log) in procs.items():
-            if p.poll() is not None:
-                raise AssertionError(f"airflow {name} exited {p.returncode} while waiting for {what}:\n{tail(log)}")
-        got = check()
-        if got:
-            return got
-        time.sleep(2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; logs: "
-                         + ", ".join(str(log) for _, log in procs.values()))
-
-
 def db_rows(home: Path, sql: str, params: tuple = ()) -> list[tuple]:
     try:
         con = sqlite3.connect(f"file:{home / 'airflow.db'}?mode=ro", uri=True, timeout=10)
@@ -133,14 +77,6 @@ def db_rows(home: Path, sql: str, params: tuple = ()) -> list[tuple]:
             con.close()
     except sqlite3.OperationalError:  # busy, or the table does not exist yet
         return []
-
-
-def api_up(port: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def test_backfill_two_days_through_the_scheduler(tmp_path):
@@ -165,12 +101,12 @@ def test_backfill_two_days_through_the_scheduler(tmp_path):
     cli("db", "migrate", timeout=300)
     cli("pools", "set", "warehouse_writer", "1", "one DuckDB writer at a time")
 
-    services: dict[str, tuple[subprocess.Popen, Path]] = {}
+    services: list[Service] = []
     t0 = time.monotonic()
     try:
-        services["api-server"] = start("api-server", ["api-server"], env, tmp_path)
-        services["dag-processor"] = start("dag-processor", ["dag-processor"], env, tmp_path)
-        services["scheduler"] = start("scheduler", ["scheduler"], env, tmp_path)
+        services.append(start_service("api-server", ["api-server"], env, tmp_path))
+        services.append(start_service("dag-processor", ["dag-processor"], env, tmp_path))
+        services.append(start_service("scheduler", ["scheduler"], env, tmp_path))
         wait_for("the api-server", lambda: api_up(env["AIRFLOW__API__PORT"]), 120, services)
         wait_for("the DAG to be parsed", lambda: db_rows(
             home, "SELECT 1 FROM serialized_dag WHERE dag_id = 'persona_daily'"), 180, services)
@@ -215,8 +151,8 @@ def test_backfill_two_days_through_the_scheduler(tmp_path):
             home, "SELECT id FROM backfill WHERE dag_id = 'persona_daily' AND completed_at IS NOT NULL"),
             60, services)
     finally:
-        stop([p for p, _ in services.values()])
-    assert all(p.poll() is not None for p, _ in services.values())
+        stop_services(services)
+    assert all(sv.proc.poll() is not None for sv in services)
 
     con = duckdb.connect(str(warehouse), read_only=True)
     try:

@@ -1,7 +1,7 @@
 """The CeleryExecutor deployment of docker/compose.yaml: the pinned Celery stack loads, and the queues agree.
 
-Docker (and so Redis and the workers of the compose file) cannot run here. What can be checked without them: the
-Celery provider, celery and the redis client pinned in requirements/lock.txt import and configure with the compose
+Docker cannot run here (tests/test_dag_celery_run.py runs the Celery path for real with Redis and PostgreSQL on
+loopback). What this file checks is the compose file's own configuration: the Celery provider, celery and the redis client pinned in requirements/lock.txt import and configure with the compose
 file's settings (executor class, broker transport, result backend, `airflow celery worker` options), and every
 queue a persona_daily task is routed to (parsed with the compose file's PERSONA_ETL_* environment) is served by a
 worker of the compose file, with the label task on the GPU worker's queue.

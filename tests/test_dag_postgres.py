@@ -6,26 +6,23 @@ role and a DB ``airflow``; then Airflow through configuration only
 (``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=postgresql+psycopg2://airflow:...@127.0.0.1:<port>/airflow``):
 ``airflow db migrate``, ``airflow pools set``, ``airflow dags test persona_daily <day>`` on a day of the bundled AOL
 sample. Checks the run's state in PostgreSQL itself and the personas in the warehouse; postgres is stopped in a
-finally block. PostgreSQL refuses to run as root: as root the server runs as the ``postgres`` system user.
+finally block (the server's start and stop live in tests/fixtures/services.py, shared with
+tests/test_dag_celery_run.py). PostgreSQL refuses to run as root: as root the server runs as the ``postgres`` system
+user.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import duckdb
 import pytest
 
+from fixtures.services import pg_bindir, postgres_server
 from persona_tasks.config import PROJECT_DIR
 
 pytestmark = pytest.mark.slow
@@ -33,71 +30,15 @@ pytestmark = pytest.mark.slow
 AIRFLOW = Path(sys.executable).parent / "airflow"
 DAGS = PROJECT_DIR / "dags"
 DAY = "2006-03-01"
-PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def postgres(tmp_path):
-    """A PostgreSQL server on loopback: yields (host, port, db, user, password); stopped afterwards."""
-    if not PG_BINS:
+    """A PostgreSQL server on loopback (tests/fixtures/services.py): yields (host, port, db, user, password)."""
+    if pg_bindir() is None:
         pytest.skip("no PostgreSQL server binaries (/usr/lib/postgresql/*/bin/initdb): apt-get install postgresql")
-    bindir = Path(PG_BINS[-1]).parent
-    as_root = os.geteuid() == 0
-    # short path (the socket path must stay under 108 bytes); as root it must be reachable by the postgres user
-    base = Path(tempfile.mkdtemp(prefix="persona-pg-"))
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
-    prefix: list[str] = []
-    if as_root:
-        pg = pwd.getpwnam("postgres")
-        for p in (base, sock):
-            os.chown(p, pg.pw_uid, pg.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
-    port, password = free_port(), "airflow-test-pw"
-    pwfile = base / "pw"
-    pwfile.write_text("postgres-test-pw\n")
-    if as_root:
-        os.chown(pwfile, pg.pw_uid, pg.pw_gid)
-
-    def run(*cmd: str) -> str:
-        proc = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, f"{cmd[0]} exited {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}"
-        return proc.stdout
-
-    run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(pwfile), "-E", "UTF8",
-        "--auth-local=trust", "--auth-host=scram-sha-256")
-    log = open(tmp_path / "postgres.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen([*prefix, str(bindir / "postgres"), "-D", str(data), "-p", str(port),
-                               "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sock}",
-                               "-c", "fsync=off"],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                             capture_output=True).returncode != 0:
-            assert server.poll() is None, (tmp_path / "postgres.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "postgres did not start within 60s"
-            time.sleep(0.5)
-        psql = [str(bindir / "psql"), "-h", str(sock), "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
-        run(*psql, "-c", f"CREATE ROLE airflow LOGIN PASSWORD '{password}'")
-        run(*psql, "-c", "CREATE DATABASE airflow OWNER airflow ENCODING 'UTF8'")
-        yield "127.0.0.1", port, "airflow", "airflow", password
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGINT)  # postgres: SIGINT = fast shutdown
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=10)
-        log.close()
-        shutil.rmtree(base, ignore_errors=True)
+    with postgres_server(tmp_path) as pg:
+        yield pg.host, pg.port, pg.db, pg.user, pg.password
 
 
 def test_dags_test_with_a_postgres_metadata_db(tmp_path, postgres):
