@@ -19,17 +19,18 @@ demo-cli: install  ## the same steps without Airflow: whole AOL sample ingest + 
 	$(BIN)/python -m persona_tasks.demo --cli
 
 AIRFLOW_HOME ?= $(CURDIR)/.airflow
+AIRFLOW_PORT ?= 8080
 AIRFLOW_ENV = PATH=$(CURDIR)/$(BIN):$$PATH AIRFLOW_HOME=$(AIRFLOW_HOME) AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
-	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=8080 \
-	AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:8080/execution/
+	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=$(AIRFLOW_PORT) \
+	AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:$(AIRFLOW_PORT)/execution/
 
-airflow: install  ## Airflow UI at http://127.0.0.1:8080 (airflow standalone; Ctrl-C stops it)
+airflow: install  ## Airflow UI at http://127.0.0.1:$(AIRFLOW_PORT) (airflow standalone; Ctrl-C stops it)
 	@mkdir -p $(AIRFLOW_HOME)
 	@[ -s $(AIRFLOW_HOME)/jwt_secret ] || (umask 077; $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(64))" > $(AIRFLOW_HOME)/jwt_secret)
 	@$(AIRFLOW_ENV) $(BIN)/airflow db migrate >/dev/null
 	@$(AIRFLOW_ENV) $(BIN)/airflow pools set warehouse_writer 1 "one DuckDB writer at a time" >/dev/null
-	@echo "Airflow: http://127.0.0.1:8080  login: admin, password in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
-	$(AIRFLOW_ENV) AIRFLOW__API_AUTH__JWT_SECRET=$$(cat $(AIRFLOW_HOME)/jwt_secret) exec $(BIN)/airflow standalone
+	@echo "Airflow: http://127.0.0.1:$(AIRFLOW_PORT)  login: admin, password in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
+	$(AIRFLOW_ENV) AIRFLOW__API_AUTH__JWT_SECRET=$$(cat $(AIRFLOW_HOME)/jwt_secret) exec $(BIN)/python -m persona_tasks.local_airflow standalone
 
 test: install  ## the full test suite (what CI runs)
 	$(BIN)/python -m pytest -q
