@@ -107,7 +107,7 @@ def persona_daily():
     def label(stored: dict, **context):
         return _call("label", context, labeller=context["params"]["labeller"])
 
-    @task(**WRITER)
+    @task(**WRITER, queue=_cfg.score_queue)
     def score(labelled: dict, **context):
         return _call("score", context)
 

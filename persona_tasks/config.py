@@ -294,6 +294,8 @@ class OrchestrationSettings(BaseModel):
     # the embed task's queue: "gpu" moves embedding to a GPU worker (MiniLM: ~7,000 memories/s on an H200 vs
     # ~40/s on 2 CPU cores, docs/performance.md); set embedding.device too if the worker should not auto-detect
     embed_queue: str = "default"
+    # the score task's queue: it embeds every persona's claims with the same model (GPU helps as for embed)
+    score_queue: str = "default"
     catchup: bool = False
     start_date: str = "2006-03-01"
 

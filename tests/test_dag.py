@@ -251,14 +251,15 @@ def test_task_policies(dag):
 def test_label_queue_and_pool_are_configurable(tmp_path):
     code = ("from airflow.dag_processing.dagbag import DagBag\n"
             f"d = DagBag({str(DAGS)!r}).dags['persona_daily']\nt = d.get_task('label')\n"
-            "print(d.get_task('embed').queue, t.queue, t.pool)\n")
+            "print(d.get_task('embed').queue, d.get_task('score').queue, t.queue, t.pool)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PERSONA_ETL_"))}
     env.update(AIRFLOW_HOME=str(tmp_path), PERSONA_ETL_ORCHESTRATION__LABEL_QUEUE="gpu",
                PERSONA_ETL_ORCHESTRATION__LABEL_POOL="gpu", PERSONA_ETL_ORCHESTRATION__EMBED_QUEUE="gpu",
+               PERSONA_ETL_ORCHESTRATION__SCORE_QUEUE="gpu",
                PERSONA_ETL_CONFIG=str(tmp_path / "none.toml"))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "gpu gpu gpu"
+    assert proc.stdout.strip().splitlines()[-1] == "gpu gpu gpu gpu"
 
 
 # --- end to end: airflow dags test -------------------------------------------------------------------------------
