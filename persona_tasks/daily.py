@@ -61,6 +61,7 @@ def as_date(run_date: date | datetime | str) -> date:
 
 
 def day_end(run_date: date) -> datetime:
+    """Midnight after ``run_date``: memories of a run are those that started before it (induce and the DAG)."""
     return datetime.combine(run_date + timedelta(days=1), datetime.min.time())
 
 

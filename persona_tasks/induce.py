@@ -13,13 +13,14 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 
 import duckdb
 import numpy as np
 import polars as pl
 
 from persona_tasks.config import Settings
+from persona_tasks.daily import day_end
 from persona_tasks.errors import PersonaEtlError
 from persona_tasks.publish import PublishReport, publish_run, stage_run
 from persona_tasks.warehouse import connect, query_pl, query_row
@@ -71,10 +72,6 @@ def latest_event_date(con: duckdb.DuckDBPyConnection) -> date:
     return row[0]
 
 
-def _day_end(run_date: date) -> datetime:
-    return datetime.combine(run_date + timedelta(days=1), datetime.min.time())
-
-
 def cluster_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date,
                  users: list[str] | None = None, shard: int | None = None, n_shards: int | None = None):
     """Cluster the memories (up to ``run_date``) of the given users / shard and store the clusters."""
@@ -82,7 +79,7 @@ def cluster_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: d
     from persona_tasks.embed import SentenceTransformerEmbedder
 
     version = SentenceTransformerEmbedder.from_settings(settings).model_version
-    frame = load_cluster_input(con, version, shard, n_shards).filter(pl.col("started_at") < _day_end(run_date))
+    frame = load_cluster_input(con, version, shard, n_shards).filter(pl.col("started_at") < day_end(run_date))
     if users is not None:
         frame = frame.filter(pl.col("user_id").is_in(users))
     result = cluster_users(settings, frame)
@@ -103,7 +100,7 @@ def load_cluster_inputs(con: duckdb.DuckDBPyConnection, run_date: date,
         WHERE c.cluster_id IS NOT NULL AND m.started_at < $end
         GROUP BY c.user_id, c.cluster_id
         ORDER BY c.user_id, c.cluster_id
-        """, {"end": _day_end(run_date)})
+        """, {"end": day_end(run_date)})
     if users is not None:
         df = df.filter(pl.col("user_id").is_in(users))
     return df
@@ -236,7 +233,7 @@ def induce(settings: Settings, labeller: str = "extractive", users: list[str] | 
         t = time.perf_counter()
         memories = query_pl(
             con, "SELECT memory_id, user_id, memory_text FROM marts.intent_memories WHERE started_at < $end",
-            {"end": _day_end(run_date)})
+            {"end": day_end(run_date)})
         if users is not None:
             memories = memories.filter(pl.col("user_id").is_in(users))
             if memories.is_empty():
