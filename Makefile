@@ -39,8 +39,8 @@ bench: install  ## benchmarks (figures go into docs/performance.md)
 	$(BIN)/python bench/bench_memories.py
 	$(BIN)/python bench/bench_clustering.py
 
-bench-daily: install  ## the daily DAG's steps end to end on a generated day (docs/performance.md)
-	$(BIN)/python bench/bench_daily.py --small-events 50000 --small-users 500 --embed-sample 1000
+bench-daily: install  ## persona_daily under Airflow on a generated 1M-event day, static embeddings (docs/performance.md)
+	$(BIN)/python bench/bench_daily.py --backend static --airflow-only
 
 docs: install  ## dbt docs for analysts (dbt_project/target/index.html)
 	$(BIN)/python -c "from persona_tasks.dbt_runner import docs_generate; from persona_tasks.config import load_settings; docs_generate(load_settings())"

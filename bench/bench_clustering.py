@@ -79,10 +79,10 @@ def _with_time(mem: pl.DataFrame) -> pl.DataFrame:
 def pool_embeddings(settings: Settings, pool_users: int, memories: int, seed: int, cache_dir: Path | None,
                     log: list[str]) -> tuple[pl.DataFrame, np.ndarray, dict[str, Any]]:
     from persona_tasks import synth
-    from persona_tasks.embed import SentenceTransformerEmbedder
+    from persona_tasks.embed import embedder_from_settings
 
     mem = _with_time(synth.generate_memories(pool_users, memories, seed=seed + POOL_SEED_OFFSET))
-    emb = SentenceTransformerEmbedder.from_settings(settings)
+    emb = embedder_from_settings(settings)
     texts = mem["memory_text"].to_list()
     digest = hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
     cache = cache_dir / f"pool-{emb.model_version.replace('@', '-')}-{digest}.npy" if cache_dir else None

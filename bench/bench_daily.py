@@ -13,8 +13,10 @@ are per step: ingest_landing, gate_raw, build (dbt), gate_memories, embed (MiniL
 process, as run_day does), store_clusters, label (extractive), score, gate_personas, publish, serve. Settings:
 ``threads = 2`` (DuckDB, polars, torch), the defaults otherwise, a fresh warehouse in the work folder.
 
-Embedding is the slow step on 2 CPU cores (MiniLM, tens to a few hundred memories/s). A day whose memory count is
-above ``--max-embed-memories`` is therefore measured up to ``gate_memories``, plus the embedding rate on a
+``--backend``: the ``[embedding] backend`` (``transformer`` = MiniLM itself, the default; ``static`` = word-piece
+vectors distilled from it, persona_tasks.static_embed). With the transformer, embedding is the slow step on 2 CPU
+cores (tens of memories/s). A day whose embedding would take longer than ``--max-embed-minutes`` at the sampled
+rate is therefore measured up to ``gate_memories``, plus the embedding rate on a
 random sample of ``--embed-sample`` of its memory texts (``embed_rate``; encode only, model load excluded) and the
 embed time extrapolated from it. A smaller day (``--small-events`` / ``--small-users``, every step measured)
 gives the per-memory cost of the steps after embed; the 1M-day total is then extrapolated linearly in memories and
@@ -23,6 +25,7 @@ labelled as such in the output.
 Usage::
 
     .venv/bin/python bench/bench_daily.py                                   # 1M events / 10k users + 100k / 1k
+    .venv/bin/python bench/bench_daily.py --backend static --small-events 0 # 1M events, every step measured
     .venv/bin/python bench/bench_daily.py --events 20000 --users 200 --small-events 0   # quick check
 
 Writes ``<out>/bench_daily.json`` and ``<out>/bench_daily.md`` (the tables for docs/performance.md).
@@ -102,7 +105,7 @@ def child(step: str, day: str, state_path: Path, result_path: Path) -> None:
 def embed_rate(settings, day: str, sample: int) -> dict:
     """Encode a random sample of the day's memory texts (model loaded first, not timed): memories/s."""
     from persona_tasks.daily import day_end
-    from persona_tasks.embed import SentenceTransformerEmbedder
+    from persona_tasks.embed import embedder_from_settings
     from persona_tasks.warehouse import connect_read_only, query_pl
 
     con = connect_read_only(settings)
@@ -113,7 +116,7 @@ def embed_rate(settings, day: str, sample: int) -> dict:
                               "ROWS) REPEATABLE (7)")["memory_text"].to_list()
     finally:
         con.close()
-    emb = SentenceTransformerEmbedder.from_settings(settings)
+    emb = embedder_from_settings(settings)
     t0 = time.perf_counter()
     emb.encode(texts[:8])  # warm-up (model load, first batch)
     load_s = time.perf_counter() - t0
@@ -148,7 +151,8 @@ def run_step(step: str, work: Path, day: str, env: dict) -> dict:
     return res
 
 
-def prepare_day(work: Path, n_events: int, n_users: int, day: str, n_shards: int, gen_days: int) -> tuple[dict, dict]:
+def prepare_day(work: Path, n_events: int, n_users: int, day: str, n_shards: int, gen_days: int,
+                backend: str = "transformer") -> tuple[dict, dict]:
     from persona_tasks.synth import generate_events, write_events
 
     if work.exists():
@@ -165,6 +169,7 @@ def prepare_day(work: Path, n_events: int, n_users: int, day: str, n_shards: int
     cfg.write_text(
         f'warehouse = "{work / "wh" / "warehouse.duckdb"}"\nthreads = 2\n\n'
         f'[dbt]\ntarget_path = "{work / "dbt_target"}"\n\n'
+        f'[embedding]\nbackend = "{backend}"\n\n'
         '[ingest.events]\nattributes = ["category", "brand", "price"]\n\n'
         f'[orchestration]\nlanding_dir = "{work / "landing"}"\nlanding_format = "events"\n'
         f'landing_source = "synth"\nn_shards = {n_shards}\n')
@@ -176,7 +181,7 @@ def prepare_day(work: Path, n_events: int, n_users: int, day: str, n_shards: int
 
 def bench_day(label: str, n_events: int, n_users: int, day: str, args) -> dict:
     work = Path(args.work) / label
-    gen, env = prepare_day(work, n_events, n_users, day, args.shards, args.gen_days)
+    gen, env = prepare_day(work, n_events, n_users, day, args.shards, args.gen_days, args.backend)
     print(f"[{label}] generated {gen['events']:,} events of {gen['users']:,} users in {gen['seconds']:.1f}s",
           flush=True)
     env["BENCH_EMBED_SAMPLE"] = str(args.embed_sample)
@@ -188,7 +193,7 @@ def bench_day(label: str, n_events: int, n_users: int, day: str, args) -> dict:
     rate = run_step("embed_rate", work, day, env)["out"]
     print(f"[{label}] embed_rate: {rate['memories_per_s']:.1f} memories/s on {rate['sample']} of "
           f"{rate['memories_total']:,} memories", flush=True)
-    capped = rate["memories_total"] > args.max_embed_memories
+    capped = rate["memories_total"] / rate["memories_per_s"] > 60 * args.max_embed_minutes
     if not capped:
         for step in STEPS[4:]:
             steps[step] = run_step(step, work, day, env)
@@ -205,6 +210,45 @@ def bench_day(label: str, n_events: int, n_users: int, day: str, args) -> dict:
     if not args.keep:
         shutil.rmtree(work / "wh", ignore_errors=True)
     return out
+
+
+def bench_airflow(label: str, n_events: int, n_users: int, day: str, args) -> dict:
+    """The same day through ``airflow dags test persona_daily <day>`` (real Airflow, SQLite metadata DB, tasks in
+    one process one after the other): wall time of the command, each task's duration from the metadata DB, and
+    the peak RSS of the Airflow process (``ru_maxrss`` of the children)."""
+    from persona_tasks.config import load_settings
+    from persona_tasks.local_airflow import LocalAirflow
+
+    work = Path(args.work).resolve() / f"{label}_airflow"
+    gen, env = prepare_day(work, n_events, n_users, day, args.shards, args.gen_days, args.backend)
+    persona_env = {k: v for k, v in env.items() if k.startswith(("PERSONA_ETL_", "POLARS_", "OMP_", "MKL_",
+                                                                  "TOKENIZERS_"))}
+    old = os.environ.get("PERSONA_ETL_CONFIG")
+    os.environ["PERSONA_ETL_CONFIG"] = env["PERSONA_ETL_CONFIG"]
+    try:
+        settings = load_settings()
+    finally:
+        if old is None:
+            os.environ.pop("PERSONA_ETL_CONFIG")
+        else:
+            os.environ["PERSONA_ETL_CONFIG"] = old
+    af = LocalAirflow.create(settings, work / "airflow", persona_env)
+    print(f"[{label} airflow] generated {gen['events']:,} events; running airflow dags test persona_daily {day}",
+          flush=True)
+    _, seconds = af.dags_test("persona_daily", day)
+    states = af.task_states("persona_daily", day)
+    durations = af.task_durations("persona_daily", day)
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    failed = {t: s for t, s in states.items() if s != "success"}
+    if failed:
+        raise SystemExit(f"airflow run not successful: {failed}; logs in {work / 'airflow'}")
+    for t, d in durations.items():
+        print(f"[{label} airflow] {t:22s} {d:8.1f}s", flush=True)
+    print(f"[{label} airflow] dags test wall {seconds:.1f}s, peak RSS {peak_mb:.0f} MB", flush=True)
+    if not args.keep:
+        shutil.rmtree(work / "wh", ignore_errors=True)
+    return {"label": label, "events": gen["events"], "users": gen["users"], "day": day, "generate": gen,
+            "dags_test_s": round(seconds, 1), "peak_rss_mb": round(peak_mb), "tasks": durations}
 
 
 def extrapolate(full: dict, small: dict | None) -> dict | None:
@@ -240,12 +284,20 @@ def markdown(res: dict) -> str:
         lines.append(f"| **total of the steps run** | **{tot:.1f}** | **{tot_p:.1f}** | max "
                      f"{max(v['peak_rss_mb'] for v in d['steps'].values())} |")
         r = d["embed_rate"]
-        lines += ["", f"Embedding rate (MiniLM, {r['device']}, batch {r['batch_size']}, sample of {r['sample']} "
+        lines += ["", f"Embedding rate ({res['backend']} backend, {r['device']}, batch {r['batch_size']}, sample of {r['sample']} "
                       f"memory texts, mean {r['mean_chars']:.0f} chars): **{r['memories_per_s']:.1f} memories/s**.",
                   ""]
         if d["embed_capped"]:
-            lines += [f"Embed and the steps after it were **not run** on this day (cap "
-                      f"{res['max_embed_memories']:,} memories; see the extrapolation).", ""]
+            lines += [f"Embed and the steps after it were **not run** on this day (cap: "
+                      f"{res['max_embed_minutes']:g} minutes of embedding at the sampled rate; see the "
+                      "extrapolation).", ""]
+    for a in res.get("airflow", []):
+        lines += [f"### {a['label']} under Airflow: `airflow dags test persona_daily {a['day']}`, {a['events']:,} "
+                  f"events, {a['users']:,} users", "", "| task | seconds |", "|---|---:|"]
+        lines += [f"| {t} | {d:.1f} |" for t, d in a["tasks"].items()]
+        lines += [f"| **sum of tasks** | **{sum(a['tasks'].values()):.1f}** |",
+                  f"| **`airflow dags test` wall** (with DAG parsing, metadata DB) | **{a['dags_test_s']:.1f}** |",
+                  "", f"Peak RSS of the Airflow process: {a['peak_rss_mb']:,} MB.", ""]
     ex = res.get("extrapolated")
     if ex:
         lines += ["### Extrapolated end-to-end time of the large day (labelled per step)", "",
@@ -269,11 +321,16 @@ def main() -> None:
                     help="the generator cannot fit 100 events/user into one day (40-minute session gaps): the "
                          "events span this many days ending on --day, all landed in that day's folder")
     ap.add_argument("--embed-sample", type=int, default=2000)
-    ap.add_argument("--max-embed-memories", type=int, default=30_000,
-                    help="a day with more memories is measured up to gate_memories plus the embedding rate")
+    ap.add_argument("--max-embed-minutes", type=float, default=15.0,
+                    help="a day whose embedding would take longer (at the sampled rate) is measured up to "
+                         "gate_memories plus the embedding rate")
+    ap.add_argument("--backend", choices=["transformer", "static"], default="transformer",
+                    help="[embedding] backend: the model itself, or static vectors distilled from it")
     ap.add_argument("--work", default=str(ROOT / "bench" / "out" / "daily_work"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--keep", action="store_true", help="keep the warehouses")
+    ap.add_argument("--airflow-only", action="store_true",
+                    help="run the day through `airflow dags test persona_daily` instead of step by step")
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
@@ -281,14 +338,19 @@ def main() -> None:
         child(args.child, args.day, work / "state.json", work / f"result_{args.child}.json")
         return
     t0 = time.perf_counter()
-    days = [bench_day(f"{args.events // 1000}k", args.events, args.users, args.day, args)]
-    if args.small_events:
+    if args.airflow_only:
+        airflow = [bench_airflow(f"{args.events // 1000}k", args.events, args.users, args.day, args)]
+    else:
+        airflow = []
+    days = [] if args.airflow_only else [bench_day(f"{args.events // 1000}k", args.events, args.users, args.day, args)]
+    if args.small_events and not args.airflow_only:
         days.append(bench_day(f"{args.small_events // 1000}k", args.small_events, args.small_users, args.day, args))
     res = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
                       f"{platform.python_version()}",
-           "max_embed_memories": args.max_embed_memories, "days": days,
-           "extrapolated": extrapolate(days[0], days[1] if len(days) > 1 else None),
+           "max_embed_minutes": args.max_embed_minutes, "backend": args.backend, "days": days,
+           "airflow": airflow,
+           "extrapolated": extrapolate(days[0], days[1] if len(days) > 1 else None) if days else None,
            "bench_seconds": round(time.perf_counter() - t0, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from persona_tasks.embed import SentenceTransformerEmbedder
+    from persona_tasks.embed import embedder_from_settings
 
     t0 = time.perf_counter()
     source = args.source
@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                      else f"synthetic ({source}, {args.users} users, seed {args.seed})") + ", extractive labeller"
     try:
         cfg = settings.quality
-        embedder = SentenceTransformerEmbedder.from_settings(settings)
+        embedder = embedder_from_settings(settings)
         version = run_model_version(con, run_date)
         data = load_run(con, run_date, version)
         t1 = time.perf_counter()

@@ -812,10 +812,10 @@ def run_clustering(
     model_version: str | None = None,
 ) -> ClusteringResult:
     """Load one shard's embeddings from the warehouse, cluster it, and store the result (the DAG's task body)."""
-    from persona_tasks.embed import SentenceTransformerEmbedder
+    from persona_tasks.embed import embedder_from_settings
     from persona_tasks.warehouse import connect
 
-    version = model_version or SentenceTransformerEmbedder.from_settings(settings).model_version
+    version = model_version or embedder_from_settings(settings).model_version
     own = con is None
     if own:
         con = connect(settings)

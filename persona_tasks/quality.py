@@ -580,7 +580,7 @@ def score_run(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date
     batched call. Idempotent: scoring a run again gives the same values. Personas whose cluster has no embedded
     memory keep NULL scores (logged).
     """
-    from persona_tasks.embed import SentenceTransformerEmbedder
+    from persona_tasks.embed import embedder_from_settings
     from persona_tasks.publish import ensure_schema
 
     cfg = settings.quality
@@ -593,7 +593,7 @@ def score_run(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date
         raise QualityError(f"nothing staged for run date {run_date}: run the label step first")
     user_ids = staged if users is None else sorted(set(staged) & set(users))
     version = run_model_version(con, run_date)
-    embedder = SentenceTransformerEmbedder.from_settings(settings)
+    embedder = embedder_from_settings(settings)
     if version is not None and version != embedder.model_version:
         raise QualityError(f"run {run_date}: personas were embedded with {version}, the configured model is "
                            f"{embedder.model_version}; relabel the run with the configured model")

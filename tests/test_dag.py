@@ -14,11 +14,9 @@ import hashlib
 import http.server
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import duckdb
@@ -26,7 +24,6 @@ import pytest
 
 from persona_tasks.config import PROJECT_DIR
 
-AIRFLOW = Path(sys.executable).parent / "airflow"
 DAGS = PROJECT_DIR / "dags"
 AOL = PROJECT_DIR / "data" / "aol" / "aol_sample.tsv.gz"
 DAY1, DAY2, BAD_DAY = "2006-03-01", "2006-03-02", "2006-03-03"
@@ -102,55 +99,31 @@ def webhook():
 
 @pytest.fixture(scope="module")
 def af(tmp_path_factory, webhook):
-    """An Airflow home (SQLite, migrated, pools created) and a persona-etl deployment in a temporary folder."""
+    """An Airflow home (SQLite, migrated, pools created: ``LocalAirflow``, as ``make demo`` uses) and a persona-etl
+    deployment in a temporary folder."""
+    from persona_tasks.config import load_settings
+    from persona_tasks.local_airflow import LocalAirflow
+
     root = tmp_path_factory.mktemp("airflow_e2e")
     home, landing, wh = root / "airflow", root / "landing", root / "wh"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PERSONA_ETL_"))}
-    env.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+    settings = load_settings(warehouse=wh / "warehouse.duckdb")
+    local = LocalAirflow.create(settings, home, {
         "PERSONA_ETL_CONFIG": str(root / "no-config.toml"),
-        "PERSONA_ETL_WAREHOUSE": str(wh / "warehouse.duckdb"),
         "PERSONA_ETL_DBT__TARGET_PATH": str(root / "dbt_target"),
         "PERSONA_ETL_ORCHESTRATION__LANDING_DIR": str(landing),
         "PERSONA_ETL_ORCHESTRATION__N_SHARDS": str(N_SHARDS),
         "PERSONA_ETL_ALERTS__WEBHOOK_URL": webhook[0],
         "PERSONA_ETL_ALERTS__TIMEOUT_S": "5",
-        "PYTHONUNBUFFERED": "1",
-    })
-
-    def run(*args: str, check: bool = True, name: str | None = None) -> tuple[subprocess.CompletedProcess, float]:
-        t0 = time.perf_counter()
-        proc = subprocess.run([str(AIRFLOW), *args], env=env, cwd=root, capture_output=True, text=True, timeout=900)
-        seconds = time.perf_counter() - t0
-        log = root / f"{name or args[0]}.log"
-        log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"airflow {' '.join(args)} exited {proc.returncode}; output in {log}:\n"
-                                 + (proc.stdout + proc.stderr)[-4000:])
-        return proc, seconds
-
-    run("db", "migrate")
-    run("pools", "set", "warehouse_writer", "1", "one DuckDB writer at a time")
+    }, cwd=root)
     for day in (DAY1, DAY2):
         write_landing_day(landing, day)
     return {"root": root, "home": home, "landing": landing, "warehouse": wh / "warehouse.duckdb",
-            "serving": wh / "serving" / "personas_serving.duckdb", "env": env, "run": run, "timings": {}}
+            "serving": wh / "serving" / "personas_serving.duckdb", "env": local.env, "run": local.run,
+            "local": local, "timings": {}}
 
 
 def task_states(af, run_logical_date: str) -> dict[str, str]:
-    con = sqlite3.connect(af["home"] / "airflow.db")
-    try:
-        rows = con.execute(
-            "SELECT ti.task_id, ti.map_index, ti.state FROM task_instance ti JOIN dag_run r "
-            "ON r.dag_id = ti.dag_id AND r.run_id = ti.run_id WHERE ti.dag_id = 'persona_daily' "
-            "AND substr(r.logical_date, 1, 10) = ?", (run_logical_date,)).fetchall()
-    finally:
-        con.close()
-    return {(t if m < 0 else f"{t}[{m}]"): s for t, m, s in rows}
+    return af["local"].task_states("persona_daily", run_logical_date)
 
 
 # --- DAG integrity (parsed in this process, no metadata DB needed) -----------------------------------------------
@@ -345,8 +318,13 @@ def test_bad_landing_file_fails_the_gate_and_publishes_nothing(af, webhook):
         "rejected_share"
 
 
-def test_report_timings(af):
-    """Not a check: prints the measured wall times (pytest -s) for docs/performance.md."""
+def test_task_durations_are_recorded(af):
+    """Every task instance of a day has its duration in the metadata DB (what bench_daily reports per task);
+    prints the measured wall times (pytest -s)."""
+    durations = af["local"].task_durations("persona_daily", DAY1)
+    assert set(durations) == set(task_states(af, DAY1))
+    assert all(d > 0 for d in durations.values()), durations
+    assert durations["build"] > durations["gate_raw"]  # a dbt build outlasts a count query
     print("airflow dags test wall times (s):", {k: round(v, 1) for k, v in af["timings"].items()})
 
 

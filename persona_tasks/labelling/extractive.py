@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
+from functools import lru_cache
 
 from persona_tasks.config import LabellingSettings, Settings
 from persona_tasks.labelling.text import STOP_WORDS, scrub_pii, words
@@ -30,8 +31,9 @@ _SINGULAR = {"searches": "search", "cart adds": "cart add", "purchases": "purcha
 _SINGULAR |= {n: n[:-1] for n in _ACTION_NOUNS.values() if n not in _SINGULAR}
 
 
-def _memory_terms(text: str) -> tuple[set[str], set[str]]:
-    """Unigram and adjacent 2-3-gram content terms of one memory (phrases never cross a ';', ':', bracket,
+@lru_cache(maxsize=1 << 16)
+def _memory_terms(text: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(Cached: c-TF-IDF, key terms and evidence ranking each ask for a memory's terms.) Unigram and adjacent 2-3-gram content terms of one memory (phrases never cross a ';', ':', bracket,
     stop word or number: "nike air max 90 size 10" gives "nike air max", not "max size")."""
     uni: set[str] = set()
     grams: set[str] = set()
@@ -51,7 +53,7 @@ def _memory_terms(text: str) -> tuple[set[str], set[str]]:
                 for n in (2, 3):
                     if len(run) >= n:
                         grams.add(" ".join(run[-n:]))
-    return uni, grams
+    return frozenset(uni), frozenset(grams)
 
 
 def ctfidf_scores(classes: list[list[str]]) -> list[dict[str, float]]:
@@ -191,9 +193,11 @@ class ExtractiveLabeller:
             u, g = _memory_terms(c.memory_texts[i])
             return sum(1 for ts, t in zip(term_sets, label_terms) if t in g or ts <= u)
 
-        ranked = sorted(order, key=lambda i: (-hits(i), order.index(i)))
+        pos = {i: k for k, i in enumerate(order)}
+        n_hits = {i: hits(i) for i in order}
+        ranked = sorted(order, key=lambda i: (-n_hits[i], pos[i]))
         k = max(1, min(3, cfg.max_evidence))
-        evidence = [c.memory_ids[i] for i in ranked[:k] if hits(i) > 0] or [c.memory_ids[order[0]]]
+        evidence = [c.memory_ids[i] for i in ranked[:k] if n_hits[i] > 0] or [c.memory_ids[order[0]]]
         checked = check_persona(label, description, evidence, {m: m for m in c.memory_ids}, cfg)
         return PersonaLabel(
             user_id=c.user_id, cluster_id=c.cluster_id, label=checked.label, description=checked.description,
