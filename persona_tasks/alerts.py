@@ -2,7 +2,8 @@
 
 ``on_failure_callback(context)`` is the DAG's task failure callback (Airflow passes the task context). It
 records: dag, task (and map index), run id, run date, try number, error type and a one-line error summary, the
-failing check (``GateError.check``, or ``dbt_build`` for a dbt failure), and the task's log URL. When
+failing check (``GateError.check``, or ``dbt_build`` for a dbt failure), what to do about it (``runbook``:
+persona_tasks/runbook.py, docs/oncall.md), and the task's log URL. When
 ``[alerts] webhook_url`` is set it also posts Slack-compatible JSON (``{"text": ..., "blocks": ...}``) there.
 
 Personal data: the summary is the first line of the error message only; persona-etl's own errors never quote
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_tasks.config import Settings
+from persona_tasks.runbook import runbook_for
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ CREATE TABLE IF NOT EXISTS ops_alerts (
     error_summary  VARCHAR,              -- first line of the error message (never data or query text)
     failing_check  VARCHAR,              -- gate check name, dbt_build, ... (NULL when not a check)
     log_url        VARCHAR,
+    runbook        VARCHAR,              -- what to do for failing_check (persona_tasks/runbook.py, docs/oncall.md)
     webhook_status VARCHAR,              -- not_configured | HTTP status | error class
     alerted_at     TIMESTAMP NOT NULL    -- UTC
 );
@@ -56,6 +59,7 @@ class Alert:
     error_summary: str | None
     failing_check: str | None
     log_url: str | None
+    runbook: str | None = None
     webhook_status: str | None = None
     alerted_at: datetime | None = None
 
@@ -63,7 +67,8 @@ class Alert:
         task = self.task_id + (f"[{self.map_index}]" if self.map_index is not None else "")
         check = f" (check {self.failing_check})" if self.failing_check else ""
         return (f":red_circle: {self.dag_id}.{task} failed for run date {self.run_date} on try {self.try_number}"
-                f"{check}: {self.error_summary}" + (f"\nLog: {self.log_url}" if self.log_url else ""))
+                f"{check}: {self.error_summary}" + (f"\nWhat to do: {self.runbook}" if self.runbook else "")
+                + (f"\nLog: {self.log_url}" if self.log_url else ""))
 
     def payload(self) -> dict:
         fields = {k: (v.isoformat() if isinstance(v, (date, datetime)) else v) for k, v in asdict(self).items()}
@@ -121,6 +126,7 @@ def alert_from_context(settings: Settings, context: Any) -> Alert:
         run_date = (logical.astimezone(timezone.utc) if getattr(logical, "tzinfo", None) else logical).date()
     map_index = getattr(ti, "map_index", None)
     dag_run = context.get("dag_run")
+    check = failing_check(exc)
     return Alert(
         dag_id=getattr(ti, "dag_id", None) or getattr(context.get("dag"), "dag_id", "?"),
         task_id=getattr(ti, "task_id", None) or "?",
@@ -130,8 +136,9 @@ def alert_from_context(settings: Settings, context: Any) -> Alert:
         try_number=getattr(ti, "try_number", None),
         error_type=kind,
         error_summary=summary,
-        failing_check=failing_check(exc),
+        failing_check=check,
         log_url=getattr(ti, "log_url", None),
+        runbook=runbook_for(check),
     )
 
 
@@ -159,6 +166,7 @@ def record_alert(settings: Settings, alert: Alert) -> str:
         con = connect(settings)
         try:
             con.execute(ALERTS_DDL)
+            con.execute("ALTER TABLE ops_alerts ADD COLUMN IF NOT EXISTS runbook VARCHAR")  # tables from before it
             con.execute("INSERT INTO ops_alerts BY NAME SELECT * FROM (SELECT " + ", ".join(
                 f"${k} AS {k}" for k in row) + ")", row)
         finally:

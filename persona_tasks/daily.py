@@ -151,16 +151,13 @@ def gate_raw(settings: Settings, run_date: date | str, ingested: dict) -> dict:
         if cfg.allow_empty_day:
             return {"run_date": day.isoformat(), "batches": 0, "rows_read": 0, "rejected_share": 0.0}
         raise GateError("landing_files", f"no landing files for {day} in {landing_location(settings)}")
-    con = connect_read_only(settings)
-    try:
+    with connect_read_only(settings) as con:
         ledger = query_pl(con, """
             SELECT b.batch_id, b.rows_read, b.rows_accepted, b.rows_rejected, b.events_new, b.events_duplicate,
                    (SELECT count(*) FROM raw.events_rejected r WHERE r.batch_id = b.batch_id) AS quarantined,
                    (SELECT count(*) FROM raw.events e WHERE e.batch_id = b.batch_id) AS events_stored
             FROM raw.ingest_batches b WHERE list_contains($ids, b.batch_id) ORDER BY b.batch_id
             """, {"ids": batch_ids})
-    finally:
-        con.close()
     missing = sorted(set(batch_ids) - set(ledger["batch_id"].to_list()))
     if missing:
         raise GateError("ledger_complete", f"{len(missing)} ingested batch(es) have no ledger row")
@@ -212,8 +209,7 @@ def gate_memories(settings: Settings, run_date: date | str, built: dict) -> dict
         raise GateError("dbt_tests", f"dbt nodes failed: {', '.join(built['failures'])}")
     if not built.get("tests"):
         raise GateError("dbt_tests", "the dbt build ran no tests")
-    con = connect_read_only(settings)
-    try:
+    with connect_read_only(settings) as con:
         n_mem, n_actions, n_users = query_row(
             con, "SELECT count(*), coalesce(sum(n_actions), 0), count(DISTINCT user_id) FROM marts.intent_memories "
                  "WHERE event_date = $d", {"d": day})
@@ -222,8 +218,6 @@ def gate_memories(settings: Settings, run_date: date | str, built: dict) -> dict
                             {"e": day_end(day)})[0]
         n_empty = query_row(con, "SELECT count(*) FROM marts.intent_memories WHERE event_date = $d AND "
                                  "coalesce(trim(memory_text), '') = ''", {"d": day})[0]
-    finally:
-        con.close()
     result = {"run_date": day.isoformat(), "memories": int(n_mem), "users": int(n_users), "actions": int(n_actions),
               "events": int(n_events), "memories_up_to_day": int(n_total), "dbt_tests": built["tests"]}
     if int(n_actions) != int(n_events):
@@ -251,14 +245,11 @@ def embed(settings: Settings, run_date: date | str) -> dict:
 
     day = as_date(run_date)
     embedder = embedder_from_settings(settings)
-    con = connect(settings)
-    try:
+    with connect(settings) as con:
         memories = query_pl(con, "SELECT memory_id, user_id, memory_text FROM marts.intent_memories "
                                  "WHERE started_at < $e", {"e": day_end(day)})
         rep = embed_memories(settings, con, memories=memories, embedder=embedder)
         frame = load_cluster_input(con, embedder.model_version).filter(pl.col("started_at") < day_end(day))
-    finally:
-        con.close()
     path = run_dir(settings, day) / "cluster_input.parquet"
     tmp = path.with_suffix(".parquet.tmp")
     frame.write_parquet(tmp)
@@ -311,14 +302,11 @@ def store_clusters(settings: Settings, run_date: date | str, shards: list[dict],
     if len(n) != 1 or sorted(s["shard"] for s in shards) != list(range(next(iter(n)))):
         raise PersonaEtlError(f"cluster shards incomplete: got {[s['shard'] for s in shards]} of {sorted(n)}")
     n_shards = next(iter(n))
-    con = connect(settings)
-    try:
+    with connect(settings) as con:
         for s in shards:
             result = ClusteringResult(pl.read_parquet(s["assignments"]), pl.read_parquet(s["users_file"]),
                                       s["strategy"], s["seconds"])
             write_clusters(con, result, embedded["model_version"], s["shard"], n_shards)
-    finally:
-        con.close()
     return {"run_date": day.isoformat(), "n_shards": n_shards, "users": sum(s["users"] for s in shards),
             "memories": sum(s["memories"] for s in shards)}
 
@@ -335,11 +323,8 @@ def label(settings: Settings, run_date: date | str, labeller: str | None = None,
     labeller = labeller or settings.orchestration.labeller
     if llm_max_users is None:
         llm_max_users = settings.orchestration.llm_max_users
-    con = connect(settings)
-    try:
+    with connect(settings) as con:
         rep = label_step(settings, con, day, labeller, llm_max_users=llm_max_users)
-    finally:
-        con.close()
     return {"run_date": day.isoformat(), "run_id": rep.run_id, "labeller": labeller, "users": rep.n_users,
             "personas": rep.n_personas, "n_llm": rep.n_llm, "n_fallbacks": rep.n_fallbacks,
             "coverage": round(rep.coverage, 6), "llm_stats": rep.llm_stats, "timings_s": rep.timings_s}
@@ -351,32 +336,37 @@ def score(settings: Settings, run_date: date | str) -> dict:
     from persona_tasks.warehouse import connect
 
     day = as_date(run_date)
-    con = connect(settings)
-    try:
+    with connect(settings) as con:
         q = quality_step(settings, con, day)
-    finally:
-        con.close()
     return {"run_date": day.isoformat(), "personas": q.n_personas, "scored": q.n_scored, "means": q.finite_means()}
 
 
 # --- 9. persona gate -------------------------------------------------------------------------------------------
 
+def pii_leaks(personas) -> list[tuple[str, str]]:
+    """``(persona_id, field)`` of every label or description that ``scrub_pii`` would change (the labellers scrub
+    their output; this is the last check before publishing). The text itself is never returned."""
+    from persona_tasks.labelling.text import scrub_pii
+
+    return [(pid, field) for pid, label, desc in personas.select("persona_id", "label", "description").iter_rows()
+            for field, text in (("label", label), ("description", desc)) if text and scrub_pii(text) != text]
+
+
 def gate_personas(settings: Settings, run_date: date | str) -> dict:
-    """Floors of ``[orchestration]`` on the staged run (raises GateError)."""
-    from persona_tasks.warehouse import connect_read_only, query_row
+    """Floors of ``[orchestration]`` on the staged run, and no PII in persona texts (raises GateError)."""
+    from persona_tasks.warehouse import connect_read_only, query_pl, query_row
 
     day = as_date(run_date)
     cfg = settings.orchestration
-    con = connect_read_only(settings)
-    try:
+    with connect_read_only(settings) as con:
         n, n_scored, coh, ali, tru, obj = query_row(con, """
             SELECT count(*), count(objective), avg(cohesion), avg(alignment), avg(truthfulness), avg(objective)
             FROM personas.staged_personas WHERE run_date = $d""", {"d": day})
         cov = query_row(con, "SELECT max(coverage) FROM personas.induction_runs WHERE run_date = $d", {"d": day})
         n_empty = query_row(con, "SELECT count(*) FROM personas.staged_personas WHERE run_date = $d AND "
                                  "(trim(label) = '' OR trim(description) = '' OR n_evidence < 1)", {"d": day})[0]
-    finally:
-        con.close()
+        texts = query_pl(con, "SELECT persona_id, label, description FROM personas.staged_personas "
+                              "WHERE run_date = $d ORDER BY persona_id", {"d": day})
     means = {"cohesion": coh, "alignment": ali, "truthfulness": tru, "objective": obj}
     coverage = cov[0] if cov else None
     result = {"run_date": day.isoformat(), "personas": int(n), "scored": int(n_scored),
@@ -386,6 +376,12 @@ def gate_personas(settings: Settings, run_date: date | str) -> dict:
         raise GateError("min_personas", f"{n} personas staged for {day} (< {cfg.min_personas})")
     if n_empty:
         raise GateError("persona_shape", f"{n_empty} staged personas with an empty label/description or no evidence")
+    leaks = pii_leaks(texts)
+    if leaks:
+        first_id, first_field = leaks[0]
+        raise GateError("pii", f"{len(leaks)} staged persona text(s) hold an e-mail address, phone number, long digit "
+                               f"run or URL query (first: persona_id {first_id}, field {first_field}); the labellers "
+                               "scrub these, so a labeller or its validation is broken: fix it and relabel the day")
     if n_scored / n < cfg.min_scored_share:
         raise GateError("scored_share", f"{n_scored} of {n} personas scored (< {cfg.min_scored_share:.0%})")
     if coverage is None or coverage < cfg.min_coverage:
@@ -406,11 +402,8 @@ def publish(settings: Settings, run_date: date | str) -> dict:
     from persona_tasks.warehouse import connect
 
     day = as_date(run_date)
-    con = connect(settings)
-    try:
+    with connect(settings) as con:
         rep = publish_run(settings, con, day)
-    finally:
-        con.close()
     return {"run_date": day.isoformat(), "personas": rep.n_personas, "evidence": rep.n_evidence,
             "users": rep.n_users, "topics": rep.n_topics}
 

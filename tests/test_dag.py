@@ -310,6 +310,7 @@ def test_bad_landing_file_fails_the_gate_and_publishes_nothing(af, webhook):
     row = alerts.filter(alerts["run_date"].cast(str) == BAD_DAY).row(0, named=True)
     assert row["dag_id"] == "persona_daily" and row["task_id"] == "gate_raw"
     assert row["try_number"] == 1 and row["failing_check"] == "rejected_share"
+    assert "max_rejected_share" in row["runbook"]
     assert "rejected" in row["error_summary"] and "not-a-time" not in row["error_summary"]
     assert row["log_url"] and "gate_raw" in row["log_url"]
     assert row["webhook_status"] == "200"
@@ -416,6 +417,8 @@ def test_alert_row_and_webhook_post(tmp_path, webhook):
                                                                                           "2006-03-04")
     assert row["failing_check"] == "coverage" and row["error_type"] == "GateError"
     assert row["error_summary"] == "gate check coverage failed: coverage 0.2 below 0.5"
+    assert row["runbook"] and row["runbook"].endswith("docs/oncall.md#coverage)")
+    assert "What to do:" in webhook[1][n]["text"] and "oncall.md#coverage" in webhook[1][n]["text"]
     assert webhook[1][n]["alert"]["task_id"] == "cluster" and webhook[1][n]["text"].startswith(":red_circle:")
 
 

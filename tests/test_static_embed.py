@@ -115,34 +115,3 @@ def test_planted_personas_recovered_with_static_vectors(static):
     res = planted_recovery(settings, static, 80)
     assert res["ari"] > 0.65, res
     assert 0.7 * res["planted_per_user"] < res["clusters_per_user"] < 1.3 * res["planted_per_user"], res
-
-
-def test_daily_run_with_static_backend_passes_its_gates_and_reruns_identically(static, models_dir, tmp_path):
-    """run_day (every task of persona_daily, in order) on a synthetic day with backend = "static"."""
-    from persona_tasks import daily
-    from persona_tasks.synth import generate_events, write_events
-
-    day = "2026-01-04"
-    write_events(generate_events(3000, n_users=30, seed=5, days=3, start="2026-01-02"),
-                 tmp_path / "landing" / day / "events.parquet")
-    settings = load_settings(
-        warehouse=tmp_path / "wh" / "warehouse.duckdb", threads=2, models_dir=models_dir,
-        embedding={"backend": "static"}, ingest={"events": {"attributes": ["category", "brand", "price"]}},
-        dbt={"target_path": tmp_path / "dbt_target"},
-        orchestration={"landing_dir": str(tmp_path / "landing"), "landing_format": "events", "landing_source": "synth",
-                       "n_shards": 2},
-        serving={"path": tmp_path / "serving" / "personas_serving.duckdb"})
-    first = daily.run_day(settings, day)
-    assert first["embed"]["model_version"] == static.model_version
-    assert first["gate_personas"]["personas"] > 30
-
-    def tables() -> dict:
-        with connect(settings) as con:
-            return {t: query_pl(con, f"SELECT * FROM personas.{t} ORDER BY ALL").drop(
-                        "created_at", "published_at", strict=False).to_dicts()
-                    for t in ("personas", "persona_evidence")}
-
-    before = tables()
-    assert {p["model_version"] for p in before["personas"]} == {"extractive-ctfidf-v1"}
-    daily.run_day(settings, day)
-    assert tables() == before
