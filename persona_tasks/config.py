@@ -132,6 +132,10 @@ class LabellingSettings(BaseModel):
     # "auto" = bfloat16 on CUDA, float32 on CPU; or "bf16" / "fp16" / "fp32". For very small models fp32 is
     # faster on a GPU (SmolLM2-135M on an H200: 1.5-2.1x, docs/performance.md); bf16 halves a large model's memory
     dtype: str = "auto"
+    # k-anonymous persona terms (persona_tasks/labelling/privacy.py): a word reaches a labeller (and so a published
+    # label or description) only if the memories of at least this many distinct users contain it; the others are
+    # masked as "[rare]" (a name, street or username that one user searched). 1 = off; raise it with many users
+    min_term_users: int = Field(default=2, ge=1)
     # memories shown to the model: most central first, at most this many, each cut to memory_max_tokens,
     # the whole prompt (instructions and example ~190 tokens, memories) within prompt_max_tokens
     max_memories: int = 12

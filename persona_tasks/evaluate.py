@@ -274,9 +274,13 @@ def single_cluster_inputs(history: pl.DataFrame, hvec: np.ndarray, users: set[st
     return out
 
 
-def label_and_embed(clusters: list, labeller, embedder) -> HistoryPersonas:
-    """Label the clusters with ``labeller`` and embed each persona as ``"label. description"``."""
-    labels = labeller.label(clusters) if clusters else []
+def label_and_embed(clusters: list, labeller, embedder, terms=None) -> HistoryPersonas:
+    """Label the clusters with ``labeller`` and embed each persona as ``"label. description"``. ``terms``
+    (``labelling.privacy.PublicTerms``): the labeller sees the texts with non-public words masked, as in the
+    pipeline; the returned clusters keep the real texts."""
+    from persona_tasks.labelling.privacy import mask_clusters
+
+    labels = labeller.label(mask_clusters(clusters, terms)) if clusters else []
     texts = [f"{lab.label}. {lab.description}" for lab in labels]
     vecs = embedder.encode(texts) if texts else np.zeros((0, embedder.dim), np.float32)
     by_user: dict[str, list[int]] = {}
@@ -288,7 +292,7 @@ def label_and_embed(clusters: list, labeller, embedder) -> HistoryPersonas:
 def induce_history_personas(settings: Settings, history: pl.DataFrame, hvec: np.ndarray, embedder,
                             labeller: str = "extractive", users: set[str] | None = None,
                             assignments: pl.DataFrame | None = None, single: bool = False,
-                            llm=None) -> HistoryPersonas:
+                            llm=None, terms=None) -> HistoryPersonas:
     """Personas of the users' history (all users of ``history`` unless ``users``): one per history cluster
     (``assignments`` from ``cluster_frame``; clustered here when None), or one of all history with ``single``.
     ``labeller``: "extractive" or "llm" (``llm``: an LLMLabeller to reuse)."""
@@ -310,7 +314,12 @@ def induce_history_personas(settings: Settings, history: pl.DataFrame, hvec: np.
         lab = llm
     else:
         raise EvaluationError(f"unknown labeller {labeller!r}: use llm or extractive")
-    return label_and_embed(clusters, lab, embedder)
+    if terms is None:
+        from persona_tasks.labelling.privacy import PublicTerms
+
+        terms = PublicTerms.from_texts(history["user_id"], history["memory_text"],
+                                       settings.labelling.min_term_users)
+    return label_and_embed(clusters, lab, embedder, terms)
 
 
 def cluster_history(settings: Settings, history: pl.DataFrame, hvec: np.ndarray):
@@ -439,6 +448,7 @@ def evaluate_dataset(settings: Settings, con: duckdb.DuckDBPyConnection, source:
                      llm_max_users: int | None = None, max_users: int | None = None) -> dict:
     """Run the protocol on one source of the warehouse; returns its section of the results dict."""
     from persona_tasks.labelling import ExtractiveLabeller
+    from persona_tasks.labelling.privacy import PublicTerms
 
     cfg = settings.evaluation
     llm_max_users = cfg.llm_max_users if llm_max_users is None else llm_max_users
@@ -468,9 +478,11 @@ def evaluate_dataset(settings: Settings, con: duckdb.DuckDBPyConnection, source:
     clustering = cluster_history(settings, history, hvec)
     timings["cluster"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
+    # what the pipeline publishes: words fewer than min_term_users users wrote are masked (labelling/privacy.py)
+    terms = PublicTerms.from_texts(history["user_id"], history["memory_text"], settings.labelling.min_term_users)
     ext = ExtractiveLabeller(settings)
-    multi_ext = label_and_embed(cluster_inputs(history, clustering.assignments), ext, embedder)
-    single_ext = label_and_embed(single_cluster_inputs(history, hvec), ext, embedder)
+    multi_ext = label_and_embed(cluster_inputs(history, clustering.assignments), ext, embedder, terms)
+    single_ext = label_and_embed(single_cluster_inputs(history, hvec), ext, embedder, terms)
     timings["label_extractive"] = round(time.perf_counter() - t, 2)
     llm_users = set(stable_sample(users, llm_max_users)) if llm_max_users else set()
     multi_llm = single_llm = None
@@ -482,7 +494,7 @@ def evaluate_dataset(settings: Settings, con: duckdb.DuckDBPyConnection, source:
         llm = LLMLabeller(settings)
         mc = cluster_inputs(history, clustering.assignments, llm_users)
         sc = single_cluster_inputs(history, hvec, llm_users)
-        both = label_and_embed(mc + sc, llm, embedder)
+        both = label_and_embed(mc + sc, llm, embedder, terms)
         multi_llm = HistoryPersonas(mc, both.labels[:len(mc)], both.vecs[:len(mc)])
         single_llm = HistoryPersonas(sc, both.labels[len(mc):], both.vecs[len(mc):])
         for hp in (multi_llm, single_llm):

@@ -120,6 +120,7 @@ def label_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: dat
     """Label every stored cluster of the users, embed the personas, and stage the run (not yet published)."""
     from persona_tasks.embed import embedder_from_settings, embeddings_to_numpy, load_embeddings
     from persona_tasks.labelling import ClusterInput, ExtractiveLabeller
+    from persona_tasks.labelling.privacy import mask_clusters, public_terms
 
     run_id = f"{run_date.isoformat()}-{labeller}"
     report = report or InduceReport(run_date=run_date, run_id=run_id)
@@ -133,6 +134,8 @@ def label_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: dat
         for u, c, ids, txt, cen in frame.select("user_id", "cluster_id", "memory_ids", "memory_texts",
                                                 "centrality").iter_rows()
     ]
+    # k-anonymous terms: words fewer than min_term_users users wrote never reach a labeller (labelling/privacy.py)
+    clusters = mask_clusters(clusters, public_terms(con, run_date, settings.labelling.min_term_users))
     chosen = _llm_users([c.user_id for c in clusters], llm_max_users) if labeller == "llm" else set()
     llm_idx = [i for i, c in enumerate(clusters) if c.user_id in chosen]
     ext_idx = [i for i, c in enumerate(clusters) if c.user_id not in chosen]

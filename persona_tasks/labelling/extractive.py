@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from functools import lru_cache
 
 from persona_tasks.config import LabellingSettings, Settings
-from persona_tasks.labelling.text import STOP_WORDS, scrub_pii, words
+from persona_tasks.labelling.text import PLACEHOLDER, STOP_WORDS, scrub_pii, words
 from persona_tasks.labelling.types import ClusterInput, PersonaLabel
 from persona_tasks.labelling.validate import check_persona
 
@@ -37,7 +37,7 @@ def _memory_terms(text: str) -> tuple[frozenset[str], frozenset[str]]:
     stop word or number: "nike air max 90 size 10" gives "nike air max", not "max size")."""
     uni: set[str] = set()
     grams: set[str] = set()
-    for part in re.split(r"[;:|\[\]()]", scrub_pii(text).lower()):
+    for part in re.split(r"[;:|\[\]()]", PLACEHOLDER.sub("|", scrub_pii(text)).lower()):
         run: list[str] = []
         for tok in re.split(r"(?<![a-z0-9])([0-9][\w.]*)|\s+", part):
             ws = words(tok) if tok else []
@@ -82,7 +82,7 @@ def key_terms(texts: list[str], scores: dict[str, float], k: int) -> list[str]:
         u, g = _memory_terms(text)
         uni_count.update(u)
         gram_count.update(g)
-        for w in words(scrub_pii(text).lower()):
+        for w in words(PLACEHOLDER.sub("|", scrub_pii(text)).lower()):
             first.setdefault(w, len(first))
     min_support = 2 if len(texts) >= 3 else 1
     by_word: dict[str, list[tuple[int, int, str]]] = defaultdict(list)

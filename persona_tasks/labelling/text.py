@@ -15,6 +15,8 @@ _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
 # phone numbers: optional +country, digits with separators, at least 7 digits in all
 _PHONE = re.compile(r"(?<![\w])(?:\+\d{1,3}[\s.\-]?)?(?:\(\d{2,4}\)[\s.\-]?)?\d{2,4}(?:[\s.\-]\d{2,4}){1,4}(?![\w])")
 _LONG_DIGITS = re.compile(r"\d{6,}")
+# what the scrubber (and the k-anonymous term mask, labelling.privacy) writes in place of a hidden string
+PLACEHOLDER = re.compile(r"\[(?:email|phone|number|rare)\]")
 _URL_QUERY = re.compile(r"(https?://[^\s?#;]+|\b[\w\-]+(?:\.[\w\-]+)+/[^\s?#;]*)[?#][^\s;]*")
 
 

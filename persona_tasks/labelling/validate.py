@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from persona_tasks.config import LabellingSettings
-from persona_tasks.labelling.text import grounded_words, scrub_pii, words
+from persona_tasks.labelling.text import PLACEHOLDER, grounded_words, scrub_pii, words
 
 _FIELD_ALIASES = {
     "label": "label", "persona": "label", "name": "label", "title": "label",
@@ -30,7 +30,6 @@ _LOCAL_ID = re.compile(r"\b[mM]\s?(\d{1,3})\b")
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z0-9])")
 # what may precede a JSON answer without counting as extra prose (the "Label:" pre-fill, a code fence)
 _JSON_LEAD = re.compile(r"^\s*(?:label\s*:)?\s*(?:```(?:json)?)?\s*$", re.IGNORECASE)
-_PLACEHOLDER = re.compile(r"\[(?:email|phone|number)\]")
 # a label is a phrase, not a copied log line: no brackets, pipes, semicolons, braces or URLs
 _NOT_A_PHRASE = re.compile(r"[\[\]|;{}<>]|https?:|www\.")
 # an asserted age or gender ("a 25-year-old", "in his late 20s", "she", "a man named ...")
@@ -153,7 +152,7 @@ def _clean(s: str) -> str:
 
 def _real_words(text: str) -> list[str]:
     """Words, without the PII placeholders the scrubber writes."""
-    return words(_PLACEHOLDER.sub(" ", text))
+    return words(PLACEHOLDER.sub(" ", text))
 
 
 def split_sentences(text: str) -> list[str]:

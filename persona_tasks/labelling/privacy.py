@@ -1,0 +1,106 @@
+"""k-anonymous persona terms: only words that at least ``k`` distinct users wrote reach a labeller.
+
+Why: search logs hold strings that identify one person: their own name, a neighbour's, a street, a small
+business, a username (the 2006 AOL release was re-identified from exactly such queries). The PII scrubber masks
+e-mail addresses, phone numbers and long digit runs, but cannot recognise a name. c-TF-IDF, by design, ranks the
+words that are frequent in one cluster and rare elsewhere highest: such strings are what it would put into a label.
+
+The rule: a word (``labelling.text.words`` tokenisation) is *public* when the memories of at least
+``[labelling] min_term_users`` distinct users contain it (stop words and the words of the memory_text format,
+"searched", "clicked", ..., always are), counted over the whole warehouse up to the run date
+(``public_terms``) or over the evaluation's history (``PublicTerms.from_texts``). Before any labeller sees a
+cluster, every non-public word of its memory texts is replaced by ``[rare]`` (``mask_clusters``): the extractive
+labeller cannot pick it (the placeholder also breaks phrases), and the LLM never reads it, so neither can put it
+into a published label or description. Evidence ids are untouched: a persona still links to every memory.
+
+``min_term_users = 1`` turns the rule off. The default (2) removes the strings that exactly one user wrote; a
+deployment with millions of users should raise it (5-10): common words stay public, identifiers do not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import date
+
+from persona_tasks.labelling.text import _WORD, STOP_WORDS
+from persona_tasks.labelling.types import ClusterInput
+
+log = logging.getLogger(__name__)
+
+RARE = "[rare]"
+
+
+def _key(token: str) -> str:
+    return token.lower().strip("'")
+
+
+def users_per_word(pairs: Iterable[tuple[str, str | None]]) -> Counter[str]:
+    """For every word, the number of distinct users with a text containing it. ``pairs`` of (user_id, text) must
+    come grouped by user (one user's texts together): then only one user's words are held at a time."""
+    counts: Counter[str] = Counter()
+    current, words_of_user = None, set()
+    for user, text in pairs:
+        if user != current:
+            counts.update(words_of_user)
+            current, words_of_user = user, set()
+        words_of_user.update(_key(t) for t in _WORD.findall(text or ""))
+    counts.update(words_of_user)
+    return counts
+
+
+@dataclass(frozen=True)
+class PublicTerms:
+    """The words at least ``k`` users wrote; ``mask`` replaces the others in a text by ``[rare]``."""
+
+    k: int
+    public: frozenset[str]
+    n_words: int  # distinct words seen, public or not
+
+    @classmethod
+    def from_counts(cls, counts: Counter[str], k: int) -> PublicTerms:
+        return cls(k=k, public=frozenset(w for w, n in counts.items() if n >= k), n_words=len(counts))
+
+    @classmethod
+    def from_texts(cls, user_ids: Iterable[str], texts: Iterable[str | None], k: int) -> PublicTerms:
+        return cls.from_counts(users_per_word(sorted(zip(user_ids, texts), key=lambda p: p[0])), k)
+
+    def mask(self, text: str) -> str:
+        if self.k <= 1 or not text:
+            return text
+        return _WORD.sub(lambda m: m.group(0) if _key(m.group(0)) in self.public or _key(m.group(0)) in STOP_WORDS
+                         else RARE, text)
+
+
+def public_terms(con, run_date: date, k: int) -> PublicTerms:
+    """``PublicTerms`` over every memory of the warehouse that started before the end of ``run_date``."""
+    from persona_tasks.daily import day_end
+
+    if k <= 1:
+        return PublicTerms(k=k, public=frozenset(), n_words=0)
+    t0 = time.perf_counter()
+    reader = con.sql(
+        "SELECT DISTINCT user_id, memory_text FROM marts.intent_memories WHERE started_at < $e ORDER BY user_id",
+        params={"e": day_end(run_date)}).to_arrow_reader(100_000)
+
+    def pairs():
+        for batch in reader:
+            yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+
+    terms = PublicTerms.from_counts(users_per_word(pairs()), k)
+    log.info("public terms (k=%d): %d of %d distinct words public, in %.1fs", k, len(terms.public), terms.n_words,
+             time.perf_counter() - t0)
+    return terms
+
+
+def mask_clusters(clusters: list[ClusterInput], terms: PublicTerms | None) -> list[ClusterInput]:
+    """The clusters with every non-public word of their texts replaced by ``[rare]`` (same ids, same order)."""
+    if terms is None or terms.k <= 1:
+        return clusters
+    return [replace(c, memory_texts=[terms.mask(t) for t in c.memory_texts],
+                    other_clusters_texts=None if c.other_clusters_texts is None else
+                    [[terms.mask(t) for t in o] for o in c.other_clusters_texts])
+            for c in clusters]
