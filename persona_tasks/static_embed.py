@@ -36,6 +36,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
 
@@ -197,19 +198,14 @@ class StaticEmbedder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         vectors, weights, tokenizer = self._load()
         out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
+        # progress and rate in the log for large calls only (the embed step logs its own per chunk)
         show = len(texts) >= 4 * _ENCODE_CHUNK
-        progress = Progress("static encode", total=len(texts), unit="texts") if show else None
-        if progress is not None:
-            progress.__enter__()
-        try:
+        with Progress("static encode", total=len(texts), unit="texts") if show else nullcontext() as progress:
             for start in range(0, len(texts), _ENCODE_CHUNK):
                 chunk = list(texts[start:start + _ENCODE_CHUNK])
                 out[start:start + len(chunk)] = self._encode_chunk(chunk, vectors, weights, tokenizer)
                 if progress is not None:
                     progress.update(len(chunk))
-        finally:
-            if progress is not None:
-                progress.__exit__(None, None, None)
         return out
 
     @staticmethod
