@@ -200,9 +200,15 @@ def test_celery_run_with_a_gpu_worker_equals_a_local_run(tmp_path):
             timings["celery_run"] = time.perf_counter() - t_run
             assert runs == [(DAY, "success")], runs
 
-            tis = pg_rows("SELECT ti.task_id, ti.map_index, ti.state, ti.queue, ti.hostname, m.worker, m.queue, "
-                          "m.status FROM task_instance ti LEFT JOIN celery_taskmeta m "
-                          "ON m.task_id = ti.external_executor_id WHERE ti.dag_id = 'persona_daily'")
+            def celery_recorded():
+                # the run is marked a success when the last task instance reports; the worker writes Celery's own
+                # SUCCESS to the result backend a moment later: wait for it rather than race it
+                rows = pg_rows("SELECT ti.task_id, ti.map_index, ti.state, ti.queue, ti.hostname, m.worker, m.queue, "
+                               "m.status FROM task_instance ti LEFT JOIN celery_taskmeta m "
+                               "ON m.task_id = ti.external_executor_id WHERE ti.dag_id = 'persona_daily'")
+                return rows if rows and all(r[-1] not in (None, "PENDING", "STARTED") for r in rows) else None
+
+            tis = wait_for("Celery's result backend to record every task", celery_recorded, 120, services, every=2)
         finally:
             stop_services(services)
         assert all(s.proc.poll() is not None for s in services)
