@@ -15,6 +15,8 @@ from the dict ``evaluate`` returns):
    clustered per user with the configured strategy (``persona_tasks.cluster.cluster_frame``), each cluster is
    labelled (extractive for every user; the LLM labeller for a stable md5 sample of ``llm_max_users`` users) and
    each persona is embedded as ``"label. description"`` with the same embedder (``induce_history_personas``).
+   The labellers see the history with words fewer than ``[labelling] min_term_users`` users wrote masked, as in
+   the pipeline (``labelling.privacy``).
 4. **Candidates.** Each future memory is ranked against ``n_negatives`` negatives drawn without replacement, with a
    fixed seed, from the future memories of *other* users (``sample_negatives``).
 5. **Scores.** A method scores a candidate by the maximum cosine of its embedding to any vector of the user's
@@ -622,7 +624,8 @@ def evaluate(settings: Settings, datasets: Sequence[str] | None = None, *, llm_m
             "protocol": {**cfg.model_dump(), "llm_max_users": cfg.llm_max_users if llm_max_users is None
                          else llm_max_users, "max_users": cfg.max_users if max_users is None else max_users,
                          "session_gap_minutes": settings.session_gap_minutes,
-                         "clustering_strategy": settings.clustering.strategy, "ks": list(KS)},
+                         "clustering_strategy": settings.clustering.strategy, "ks": list(KS),
+                         "min_term_users": settings.labelling.min_term_users},
             "model_version": embedder.model_version,
             "datasets": {},
         }
@@ -713,7 +716,9 @@ def render_results(results: dict) -> str:
         "3. **Personas from history only.** The history memories' embeddings are clustered per user "
         "(`persona_tasks.cluster`, configured strategy); each cluster is labelled (extractive labeller for every "
         "user; LLM labeller for a fixed sample, below); each persona is embedded as `\"label. description\"` with the "
-        "same sentence embedder as the memories.",
+        "same sentence embedder as the memories. As in the pipeline, the labellers see the history texts with every "
+        f"word that fewer than {p.get('min_term_users', 1)} users' histories contain masked as `[rare]` "
+        "(k-anonymous persona terms, docs/privacy.md; 1 = none masked).",
         f"4. **Candidates.** Each future memory is ranked among itself and {p['n_negatives']} negatives sampled "
         f"without replacement (numpy `default_rng({p['seed']})`) from the future memories of *other* users.",
         "5. **Scores.** A candidate's score is its maximum cosine similarity to any vector of the user's profile: "
