@@ -20,6 +20,12 @@ from persona_tasks.errors import PersonaEtlError
 
 AIRFLOW_BIN = Path(sys.executable).parent / "airflow"
 
+# SQLite metadata DB with several Airflow processes (scheduler, dag-processor, api-server, CLI): wait up to 60 s for
+# a write lock instead of failing after sqlite3's default 5 s ("database is locked", seen on a loaded 2-core CI
+# machine when `airflow backfill create` raced the scheduler). Airflow imports it by name:
+SQLITE_CONNECT_ARGS = {"timeout": 60}
+SQLITE_CONNECT_ARGS_ENV = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "persona_tasks.local_airflow.SQLITE_CONNECT_ARGS"}
+
 
 @dataclass
 class LocalAirflow:
@@ -40,6 +46,7 @@ class LocalAirflow:
             "AIRFLOW__CORE__DAGS_FOLDER": str(settings.project_dir / "dags"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            **SQLITE_CONNECT_ARGS_ENV,
             # the task processes need the venv's executables (dbt, airflow) on PATH
             "PATH": f"{AIRFLOW_BIN.parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "PERSONA_ETL_WAREHOUSE": str(settings.warehouse),

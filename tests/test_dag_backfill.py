@@ -28,6 +28,7 @@ import pytest
 
 from fixtures.services import Service, api_up, free_port, start_service, stop_services, wait_for
 from persona_tasks.config import PROJECT_DIR
+from persona_tasks.local_airflow import SQLITE_CONNECT_ARGS_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +48,7 @@ def airflow_env(root: Path, home: Path, landing: Path, warehouse: Path) -> dict[
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": "4",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        **SQLITE_CONNECT_ARGS_ENV,  # scheduler and CLI share the SQLite file: wait for its lock
         # the Execution API the task processes talk to, and the shared JWT secret that signs their tokens
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(api_port),
