@@ -135,7 +135,7 @@ def show_personas(database, n_users: int = 3) -> None:
                                      "ORDER BY n_evidence DESC LIMIT 4", {"u": u})
             for pid, run_date, label, desc, labeller, fb, n in personas.iter_rows():
                 tag = "extractive fallback" if fb else labeller
-                print(f"  [{tag}] {label} ({n} memories)\n    {desc}")
+                print(f"  [{tag}] {label} ({n} {'memory' if n == 1 else 'memories'})\n    {desc}")
                 ev = query_pl(con, "SELECT m.memory_text FROM personas.persona_evidence e "
                                    "JOIN marts.intent_memories m USING (memory_id) WHERE e.persona_id = $p "
                                    "AND e.run_date = $d ORDER BY e.similarity DESC LIMIT 2",
