@@ -31,13 +31,18 @@ _SINGULAR = {"searches": "search", "cart adds": "cart add", "purchases": "purcha
 _SINGULAR |= {n: n[:-1] for n in _ACTION_NOUNS.values() if n not in _SINGULAR}
 
 
+def _readable(text: str) -> str:
+    """Scrubbed, lower-cased text with every placeholder ([email], [rare], ...) turned into a phrase break."""
+    return PLACEHOLDER.sub("|", scrub_pii(text)).lower()
+
+
 @lru_cache(maxsize=1 << 16)
 def _memory_terms(text: str) -> tuple[frozenset[str], frozenset[str]]:
-    """(Cached: c-TF-IDF, key terms and evidence ranking each ask for a memory's terms.) Unigram and adjacent 2-3-gram content terms of one memory (phrases never cross a ';', ':', bracket,
+    """Cached (c-TF-IDF, key terms and evidence ranking each ask for a memory's terms). Unigram and adjacent 2-3-gram content terms of one memory (phrases never cross a ';', ':', bracket,
     stop word or number: "nike air max 90 size 10" gives "nike air max", not "max size")."""
     uni: set[str] = set()
     grams: set[str] = set()
-    for part in re.split(r"[;:|\[\]()]", PLACEHOLDER.sub("|", scrub_pii(text)).lower()):
+    for part in re.split(r"[;:|\[\]()]", _readable(text)):
         run: list[str] = []
         for tok in re.split(r"(?<![a-z0-9])([0-9][\w.]*)|\s+", part):
             ws = words(tok) if tok else []
@@ -82,7 +87,7 @@ def key_terms(texts: list[str], scores: dict[str, float], k: int) -> list[str]:
         u, g = _memory_terms(text)
         uni_count.update(u)
         gram_count.update(g)
-        for w in words(PLACEHOLDER.sub("|", scrub_pii(text)).lower()):
+        for w in words(_readable(text)):
             first.setdefault(w, len(first))
     min_support = 2 if len(texts) >= 3 else 1
     by_word: dict[str, list[tuple[int, int, str]]] = defaultdict(list)

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import date
 
-from persona_tasks.labelling.text import _WORD, STOP_WORDS
+from persona_tasks.labelling.text import _WORD, STOP_WORDS, words
 from persona_tasks.labelling.types import ClusterInput
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ RARE = "[rare]"
 
 
 def _key(token: str) -> str:
+    """A matched token as ``words`` returns it."""
     return token.lower().strip("'")
 
 
@@ -47,7 +48,7 @@ def users_per_word(pairs: Iterable[tuple[str, str | None]]) -> Counter[str]:
         if user != current:
             counts.update(words_of_user)
             current, words_of_user = user, set()
-        words_of_user.update(_key(t) for t in _WORD.findall(text or ""))
+        words_of_user.update(words(text or ""))
     counts.update(words_of_user)
     return counts
 
@@ -71,8 +72,11 @@ class PublicTerms:
     def mask(self, text: str) -> str:
         if self.k <= 1 or not text:
             return text
-        return _WORD.sub(lambda m: m.group(0) if _key(m.group(0)) in self.public or _key(m.group(0)) in STOP_WORDS
-                         else RARE, text)
+        def keep(m) -> str:
+            key = _key(m.group(0))
+            return m.group(0) if key in self.public or key in STOP_WORDS else RARE
+
+        return _WORD.sub(keep, text)
 
 
 def public_terms(con, run_date: date, k: int) -> PublicTerms:
