@@ -758,7 +758,7 @@ def load_cluster_input(
         SELECT m.user_id, m.memory_id, m.started_at, e.embedding
         FROM marts.intent_memories m
         JOIN {EMBEDDINGS_TABLE} e
-          ON e.memory_id = m.memory_id AND e.model_version = $v AND e.text_md5 = md5(coalesce(m.memory_text, ''))
+          ON e.memory_id = m.memory_id AND e.model_version = $v AND e.text_md5 = md5(coalesce(m.embedding_text, ''))
         WHERE true {where}
         ORDER BY m.user_id, m.started_at, m.memory_id
         """,

@@ -228,6 +228,16 @@ class EvaluationSettings(BaseModel):
     min_memories: int = 5
     # negatives per future memory, sampled (fixed seed) from other users' future memories
     n_negatives: int = 99
+    # which of those may be negatives: "unseen" (default; the usual implicit-feedback rule, and the independent
+    # reference's): only memories whose text occurs nowhere among the user's own memories, so a candidate the user
+    # did interact with is never counted wrong; "any": every other user's future memory (the protocol before
+    # 2026-12). docs/results.md shows both
+    negatives: Literal["unseen", "any"] = "unseen"
+    # the "text + evidence" multi-persona profile: each persona's text vector plus the embeddings of its this many
+    # most central evidence memories (what a published persona links to in personas.persona_evidence); 0 = no row
+    persona_evidence_vectors: int = Field(default=10, ge=0)
+    # paired bootstrap over users for the confidence intervals of docs/results.md (resamples; 95 % intervals)
+    bootstrap_samples: int = Field(default=1000, ge=0)
     seed: int = 0
     # users whose history the LLM labeller labels (a stable md5 sample of the evaluable users); 0 = no LLM rows
     llm_max_users: int = 20

@@ -217,7 +217,7 @@ def gate_memories(settings: Settings, run_date: date | str, built: dict) -> dict
         n_total = query_row(con, "SELECT count(*) FROM marts.intent_memories WHERE started_at < $e",
                             {"e": day_end(day)})[0]
         n_empty = query_row(con, "SELECT count(*) FROM marts.intent_memories WHERE event_date = $d AND "
-                                 "coalesce(trim(memory_text), '') = ''", {"d": day})[0]
+                                 "(coalesce(trim(memory_text), '') = '' OR coalesce(trim(embedding_text), '') = '')", {"d": day})[0]
     result = {"run_date": day.isoformat(), "memories": int(n_mem), "users": int(n_users), "actions": int(n_actions),
               "events": int(n_events), "memories_up_to_day": int(n_total), "dbt_tests": built["tests"]}
     if int(n_actions) != int(n_events):
@@ -246,7 +246,7 @@ def embed(settings: Settings, run_date: date | str) -> dict:
     day = as_date(run_date)
     embedder = embedder_from_settings(settings)
     with connect(settings) as con:
-        memories = query_pl(con, "SELECT memory_id, user_id, memory_text FROM marts.intent_memories "
+        memories = query_pl(con, "SELECT memory_id, user_id, embedding_text FROM marts.intent_memories "
                                  "WHERE started_at < $e", {"e": day_end(day)})
         rep = embed_memories(settings, con, memories=memories, embedder=embedder)
         frame = load_cluster_input(con, embedder.model_version).filter(pl.col("started_at") < day_end(day))

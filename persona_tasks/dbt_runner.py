@@ -186,11 +186,40 @@ def build(settings: Settings, full_refresh: bool = False, select: str | None = N
     the tests of the selected models run with them).
     """
     args: list[str] = []
+    missing = [] if full_refresh else _mart_columns_missing(settings)
+    if missing:
+        log.warning("marts.intent_memories predates column(s) %s: rebuilding it in full (same rows and ids)",
+                    ", ".join(missing))
+        full_refresh = True
     if full_refresh:
         args.append("--full-refresh")
     if select:
         args += ["--select", select]
     return run_dbt(settings, "build", args)
+
+
+# columns added to the incremental mart after its first release: a warehouse built before them is rebuilt in full
+# once (the model is on_schema_change='fail', and a full refresh gives the same rows and ids)
+MART_COLUMNS_SINCE_V1 = ("embedding_text",)
+
+
+def _mart_columns_missing(settings: Settings) -> list[str]:
+    """Columns of MART_COLUMNS_SINCE_V1 that an existing marts.intent_memories lacks (read-only check)."""
+    import duckdb
+
+    if not Path(settings.warehouse).exists():
+        return []
+    try:
+        con = duckdb.connect(str(settings.warehouse), read_only=True)
+    except duckdb.Error:
+        return []  # locked or not a DuckDB file: run_dbt reports it
+    try:
+        have = {r[0] for r in con.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = 'marts' AND table_name = 'intent_memories'").fetchall()}
+    finally:
+        con.close()
+    return [c for c in MART_COLUMNS_SINCE_V1 if have and c not in have]
 
 
 def docs_generate(settings: Settings) -> Path:

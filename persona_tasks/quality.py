@@ -515,7 +515,7 @@ def load_run(con: duckdb.DuckDBPyConnection, run_date: date, model_version: str,
         memories = query_pl(
             con, f"""
             SELECT c.user_id, c.memory_id, coalesce(c.cluster_id, -1) AS cluster_id,
-                   coalesce(m.memory_text, '') AS memory_text, me.embedding
+                   coalesce(m.embedding_text, '') AS memory_text, me.embedding  -- the embedded text: what claims are checked against
             FROM personas.memory_clusters c {filt}
             JOIN personas.memory_embeddings me ON me.memory_id = c.memory_id AND me.model_version = $v
             LEFT JOIN marts.intent_memories m ON m.memory_id = c.memory_id

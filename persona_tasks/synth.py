@@ -23,6 +23,7 @@ Public API::
     write_events(df, path)                                    # Parquet
     generate_memories(n_users, memories_per_user, seed=0)    -> pl.DataFrame  (memory_text like the dbt mart)
     memory_text(parts_expr, max_chars), action_part(type_expr, text_expr)   # polars helpers of that format
+    embedding_text(type_expr, text_expr, max_chars)                         # the mart's embedding_text
     TOPICS, TOPIC_KEYS, EVENT_TYPES, ACTION_VERBS, EVENTS_MAPPING_ATTRIBUTES
 
 ``generate_events`` columns: ``user_id, event_ts, event_type, item_id, text`` (the generic ``events`` ingest
@@ -54,6 +55,7 @@ __all__ = [
     "Category",
     "Topic",
     "action_part",
+    "embedding_text",
     "generate_events",
     "generate_memories",
     "memory_text",
@@ -816,6 +818,19 @@ def memory_text(parts: pl.Expr, max_chars: int = 600) -> pl.Expr:
     )
 
 
+def embedding_text(event_type: pl.Expr, text: pl.Expr, max_chars: int = 600) -> pl.Expr:
+    """Aggregation expression: the content parts of a session as in the mart's ``embedding_text``: every action's
+    text except clicks', each distinct part once in order of first occurrence, joined by ``'; '``, capped like
+    ``memory_text``; a session with no such part falls back to its ``memory_text``."""
+    parts = pl.when(event_type != "click").then(text.str.strip_chars()).otherwise(None)
+    parts = pl.when(parts.str.len_chars() > 0).then(parts).otherwise(None).drop_nulls().unique(maintain_order=True)
+    joined = parts.str.join("; ")
+    joined = (pl.when(joined.str.len_chars() > max_chars)
+              .then(joined.str.slice(0, max_chars - 1) + "…").otherwise(joined))
+    return pl.when(joined.str.len_chars() > 0).then(joined).otherwise(
+        memory_text(action_part(event_type, text), max_chars))
+
+
 def action_part(event_type: pl.Expr, text: pl.Expr) -> pl.Expr:
     """``"<verb>: <text>"`` for one action (``"searched: best grinder for espresso"``)."""
     verb = event_type.replace_strict(ACTION_VERBS, default=event_type)
@@ -834,9 +849,10 @@ def generate_memories(
     """Intent memories straight from planted sessions, for clustering work that skips ingest and dbt.
 
     ``memories_per_user``: a number, or an inclusive range (lo, hi) drawn per user. Returns one row per memory:
-    ``user_id, memory_id, memory_text, planted_persona, planted_session, n_actions, started_at``, sorted by user
-    and time (planted_session increases with started_at inside a user); memory_text is written like the mart's
-    (``"searched: ...; viewed: ...; added to cart: ..."``). Deterministic for a seed.
+    ``user_id, memory_id, memory_text, embedding_text, planted_persona, planted_session, n_actions, started_at``,
+    sorted by user and time (planted_session increases with started_at inside a user); memory_text and
+    embedding_text are written like the mart's (``"searched: ...; viewed: ...; added to cart: ..."`` and the
+    content parts without verbs or clicks). Deterministic for a seed.
     """
     rng = np.random.default_rng(seed)
     if isinstance(memories_per_user, int):
@@ -856,13 +872,15 @@ def generate_memories(
         .agg(
             pl.col("user_id").first(),
             memory_text(action_part(pl.col("event_type"), pl.col("text")), max_chars).alias("memory_text"),
+            embedding_text(pl.col("event_type"), pl.col("text"), max_chars).alias("embedding_text"),
             pl.col("planted_persona").first(),
             pl.len().cast(pl.Int32).alias("n_actions"),
             pl.col("event_ts").min().alias("started_at"),
         )
         .with_columns(memory_id=pl.format("m{}", pl.col("planted_session")))
         .select(
-            "user_id", "memory_id", "memory_text", "planted_persona", "planted_session", "n_actions", "started_at"
+            "user_id", "memory_id", "memory_text", "embedding_text", "planted_persona", "planted_session",
+            "n_actions", "started_at"
         )
         .collect()
     )

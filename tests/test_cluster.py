@@ -312,7 +312,7 @@ def test_run_clustering_reads_and_writes_the_warehouse(planted, tmp_path):
     version = "test-model@000000000000"
     small = planted.filter(pl.col("user_id").is_in(planted["user_id"].unique().sort().head(6).implode()))
     mart = small.select("memory_id", "user_id", "started_at",
-                        pl.format("text {}", pl.col("memory_id")).alias("memory_text"))
+                        pl.format("text {}", pl.col("memory_id")).alias("embedding_text"))
     with connect(settings) as con:
         ensure_schema(con)
         con.execute("CREATE SCHEMA marts")
@@ -320,7 +320,7 @@ def test_run_clustering_reads_and_writes_the_warehouse(planted, tmp_path):
         con.execute("CREATE TABLE marts.intent_memories AS SELECT * FROM mart")
         emb = small.select("memory_id", pl.col("embedding").cast(pl.List(pl.Float32)))
         con.register("emb", emb.to_arrow())
-        con.execute(f"INSERT INTO {EMBEDDINGS_TABLE} SELECT e.memory_id, $v, md5(m.memory_text), e.embedding, "
+        con.execute(f"INSERT INTO {EMBEDDINGS_TABLE} SELECT e.memory_id, $v, md5(m.embedding_text), e.embedding, "
                     "now()::TIMESTAMP FROM emb e JOIN mart m USING (memory_id)", {"v": version})
         results = [C.run_clustering(settings, con, shard=i, n_shards=2, model_version=version) for i in range(2)]
         again = C.run_clustering(settings, con, shard=0, n_shards=2, model_version=version)  # idempotent

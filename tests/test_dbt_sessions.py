@@ -62,6 +62,9 @@ def _rows() -> list[tuple]:
         make_event("ml", f"{D} 17:01:00", "tag", "pixar — Toy Story (1995) [Adventure|Animation]", "1",
                    {"tag": "pixar", "title": "Toy Story (1995)", "genres": ["Adventure", "Animation"]}),
     ]
+    # a session of clicks only: nothing but sites, so its embedding_text falls back to its memory_text
+    rows += [make_event("clickonly", f"{D} 19:30:00", "click", "nike.com", "http://nike.com/z",
+                        {"url": "http://nike.com/z"})]
     # a long session: 100 distinct searches a minute apart -> memory_text capped
     start = datetime.fromisoformat(f"{D} 18:00:00")
     rows += [make_event("long", start + timedelta(minutes=i), "search", f"query number {i:03d} padding")
@@ -232,3 +235,45 @@ def test_session_gap_is_a_dbt_var(warehouse_settings, insert_events):
     dbt_runner.build(settings, select="+intent_memories")
     assert [m[2] for m in _memories(settings, "gap")] == [3]  # 30 min + 1 s < 45 min
     assert [m[2] for m in _memories(settings, "u1")] == [2]  # exactly 45 min stays
+
+
+def _embedding_text(settings, user_id):
+    with connect_read_only(settings) as con:
+        return [r[0] for r in con.execute(
+            "SELECT embedding_text FROM marts.intent_memories WHERE user_id = ? ORDER BY started_at",
+            [user_id]).fetchall()]
+
+
+def test_embedding_text_is_what_the_user_meant(built):
+    settings, _ = built
+    # no template verbs, no clicked sites; each distinct part once, in order of first occurrence
+    assert _embedding_text(settings, "aolu") == ["cheap flights boston"]
+    assert _embedding_text(settings, "rep") == ["shoes"]
+    assert _embedding_text(settings, "tie") == ["tie query; Blue Lamp"]
+    assert _embedding_text(settings, "gap") == ["first; second", "third"]
+    # PII stays masked; a rating keeps title and genres but not the value; a tag is '<tag>: <title>'
+    assert _embedding_text(settings, "pii") == ["mail [email] or call [phone], acct [number] in 1995"]
+    assert _embedding_text(settings, "ml") == ["Toy Story (1995) [Adventure|Animation]; pixar: Toy Story (1995)"]
+    # only clicks: the display text is the best there is
+    assert _embedding_text(settings, "clickonly") == ["clicked: nike.com"]
+    long = _embedding_text(settings, "long")[0]
+    assert len(long) == settings.memory_text_max_chars and long.endswith("…")
+    assert long.startswith("query number 000 padding; query number 001 padding")
+
+
+def test_a_mart_built_before_embedding_text_is_rebuilt_in_full(warehouse_settings, insert_events):
+    import duckdb
+
+    settings = warehouse_settings("upgrade")
+    insert_events(settings, [r for r in _rows() if r[1] in ("aolu", "rep")])
+    dbt_runner.build(settings)
+    before = _memories(settings, "aolu")
+    # an older warehouse: the same mart without the column (incremental models refuse a schema change)
+    con = duckdb.connect(str(settings.warehouse))
+    con.execute("ALTER TABLE marts.intent_memories DROP COLUMN embedding_text")
+    con.close()
+    assert dbt_runner._mart_columns_missing(settings) == ["embedding_text"]
+    dbt_runner.build(settings)  # incremental call: rebuilt in full once, same rows and ids
+    assert _memories(settings, "aolu") == before
+    assert _embedding_text(settings, "aolu") == ["cheap flights boston"]
+    assert dbt_runner._mart_columns_missing(settings) == []

@@ -33,7 +33,7 @@ def settings(tmp_path: Path):
 
 
 def memories(ids: list[str], texts: dict[str, str] = TEXTS) -> pl.DataFrame:
-    return pl.DataFrame({"memory_id": ids, "memory_text": [texts[i] for i in ids]})
+    return pl.DataFrame({"memory_id": ids, "embedding_text": [texts[i] for i in ids]})
 
 
 def stored(con) -> pl.DataFrame:
@@ -140,7 +140,7 @@ def test_embeds_marts_intent_memories_by_default(settings, embedder):
         with pytest.raises(E.EmbeddingError, match="persona-etl build"):
             E.embed_memories(settings, con, embedder=embedder)
         con.execute("CREATE SCHEMA marts")
-        con.execute("CREATE TABLE marts.intent_memories (memory_id VARCHAR, user_id VARCHAR, memory_text VARCHAR)")
+        con.execute("CREATE TABLE marts.intent_memories (memory_id VARCHAR, user_id VARCHAR, embedding_text VARCHAR)")
         con.execute("INSERT INTO marts.intent_memories VALUES ('m1', 'u1', $a), ('m3', 'u1', $b)",
                     {"a": TEXTS["m1"], "b": TEXTS["m3"]})
         r = E.embed_memories(settings, con, embedder=embedder)
@@ -206,7 +206,7 @@ def test_dedup_encodes_each_distinct_text_once_with_the_per_memory_vectors(tmp_p
     # 12 memories over 4 distinct texts, chunks of 2 texts: repeats of a text never straddle two chunks
     texts = [TEXTS["m1"], TEXTS["m2"], TEXTS["m3"], TEXTS["m5"]]
     ids = [f"d{i:02d}" for i in range(12)]
-    frame = pl.DataFrame({"memory_id": ids, "memory_text": [texts[(i * 7) % 4] for i in range(12)]})
+    frame = pl.DataFrame({"memory_id": ids, "embedding_text": [texts[(i * 7) % 4] for i in range(12)]})
     s = load_settings(warehouse=tmp_path / "w.duckdb", threads=1, embedding={"write_chunk": 2})
     recording.batches.clear()
     with connect(s) as con:
@@ -218,7 +218,7 @@ def test_dedup_encodes_each_distinct_text_once_with_the_per_memory_vectors(tmp_p
     assert recording.batch_sizes == [2, 2]  # one encode per chunk of write_chunk distinct texts
     # same vectors as embedding every memory on its own (real model, one text per call)
     x = E.embeddings_to_numpy(got["embedding"])
-    by_id = dict(zip(frame["memory_id"], frame["memory_text"]))
+    by_id = dict(zip(frame["memory_id"], frame["embedding_text"]))
     one_by_one = np.vstack([E.SentenceTransformerEmbedder.encode(recording, [by_id[m]]) for m in got["memory_id"]])
     np.testing.assert_allclose(x, one_by_one, atol=1e-5)
     for t in texts:  # memories sharing a text share the very same vector

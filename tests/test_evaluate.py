@@ -26,7 +26,7 @@ from persona_tasks.evaluate import (
 def memories(counts: dict[str, int]) -> pl.DataFrame:
     t0 = datetime(2030, 1, 1)
     rows = [{"user_id": u, "memory_id": f"{u}-{i:03d}", "started_at": t0 + timedelta(hours=i),
-             "memory_text": f"{u} text {i}"}
+             "text": f"{u} text {i}"}
             for u, n in counts.items() for i in range(n)]
     return pl.DataFrame(rows).sample(fraction=1.0, shuffle=True, seed=1)  # input order must not matter
 
@@ -161,10 +161,19 @@ def test_cli_evaluate_on_a_few_aol_users(aol_warehouse, monkeypatch):
     assert d["n_users_total"] == 5 and d["n_users"] == 4            # 2179445 has fewer than 5 memories
     assert 1 <= d["n_negatives"] <= min(99, d["n_future"] - 1)     # capped by the smallest other-user pool
     methods = d["methods"]
-    assert set(methods) == {"multi_extractive", "multi_centroid", "single_extractive", "history_centroid",
-                            "nearest_memory", "most_recent", "popularity", "random"}
+    assert set(methods) == {"multi_extractive", "multi_evidence", "multi_centroid", "single_extractive",
+                            "history_centroid", "nearest_memory", "most_recent", "popularity", "random"}
     for m in methods.values():
         assert 0 <= m["hit@1"] <= m["hit@10"] <= 1 and 0 < m["mrr"] <= 1 and m["n"] == d["n_future"]
+        lo, hi = m["hit@10_ci"]
+        assert lo <= m["hit@10"] + 1e-9 and m["hit@10"] <= hi + 1e-9      # the estimate lies in its interval
+    # both negatives rules are evaluated; the configured one (unseen by default) is the primary table
+    assert d["negatives"] == "unseen" and set(d["protocols"]) == {"unseen", "any"}
+    assert d["protocols"]["unseen"]["methods"]["nearest_memory"]["hit@10"] == methods["nearest_memory"]["hit@10"]
+    for c in d["comparisons"]:
+        assert c["ci"][0] <= c["delta_hit@10"] + 1e-9 <= c["ci"][1] + 2e-9
+    assert {(c["method"], c["baseline"], c["subset"]) for c in d["comparisons"]} >= {
+        ("multi_extractive", "multi_centroid", "all"), ("multi_evidence", "nearest_memory", "novel")}
     assert d["splits"]["repeat"]["n"] + d["splits"]["novel"]["n"] == d["n_future"]
     # real personas, real scores: better than chance for the memory-based method on users this distinct
     assert methods["nearest_memory"]["mrr"] > methods["random"]["mrr"]
@@ -173,3 +182,49 @@ def test_cli_evaluate_on_a_few_aol_users(aol_warehouse, monkeypatch):
     assert all(0 <= q[k] <= 1 for k in ("cohesion", "alignment", "truthfulness", "objective"))
     text = doc.read_text()
     assert "## aol" in text and "nearest history memory" in text
+    assert "negatives: unseen" in text and "negatives: any" in text and "95% CI" in text
+    # the reference's figures are shown beside the project's on the reference's rule
+    assert "Agreement with an independent reference" in text and "50.83" in text
+
+
+# --- negatives rule and intervals ---------------------------------------------------------------------------------
+
+def test_unseen_negatives_never_hold_a_text_the_user_had():
+    from persona_tasks.evaluate import user_texts
+
+    # u1 and u2 both searched "google"; u3 never did. Under "unseen" no negative of u1 may be "google" text
+    future = pl.DataFrame({
+        "user_id": ["u1", "u1", "u2", "u2", "u3", "u3", "u4", "u4"],
+        "text": ["google", "a1", "google", "b1", "google", "c1", "d1", "d2"],
+    })
+    history = pl.DataFrame({"user_id": ["u1", "u4"], "text": ["c1", "x"]})
+    own = user_texts(history, future)
+    assert own["u1"] == {"google", "a1", "c1"} and own["u4"] == {"d1", "d2", "x"}
+    neg = sample_negatives(future["user_id"], 99, 0, future["text"], own)
+    texts = future["text"].to_list()
+    users = future["user_id"].to_list()
+    for row in range(future.height):
+        u = users[row]
+        for j in neg[row]:
+            assert users[j] != u and texts[j] not in own[u]
+    # u1's pool: b1, d1, d2 (google is its own text, c1 is in its history): k = 3 is the smallest pool
+    assert neg.shape == (8, 3)
+    # the "any" rule keeps today's draws: other users' rows, the google of others included
+    anyneg = sample_negatives(future["user_id"], 99, 0)
+    assert anyneg.shape == (8, 6) and any(texts[j] == "google" for j in anyneg[0])
+
+
+def test_bootstrap_interval_covers_the_mean_and_pairs_users():
+    from persona_tasks.evaluate import bootstrap_ci, bootstrap_weights
+
+    rng = np.random.default_rng(0)
+    user = np.repeat(np.arange(50), 4)
+    a = rng.random(200)
+    w = bootstrap_weights(50, 500, 1)
+    assert w.shape == (500, 50) and (w.sum(axis=1) == 50).all()
+    lo, hi = bootstrap_ci(a, user, w)
+    assert lo < a.mean() < hi and hi - lo < 0.2
+    # a paired difference of identical methods is exactly zero; a constant shift gives a point interval
+    assert bootstrap_ci(a, user, w, baseline=a) == (0.0, 0.0)
+    lo, hi = bootstrap_ci(a + 0.1, user, w, baseline=a)
+    assert abs(lo - 0.1) < 1e-9 and abs(hi - 0.1) < 1e-9

@@ -260,7 +260,7 @@ def staged(tmp_path_factory):
     settings = load_settings(warehouse=tmp / "wh.duckdb", labelling={"min_term_users": 1})
     mem = generate_memories(6, (5, 12), seed=3)
     mart = mem.select("memory_id", "user_id", pl.col("started_at").dt.date().alias("event_date"), "started_at",
-                      pl.col("memory_text").str.to_lowercase())
+                      pl.col("memory_text").str.to_lowercase(), pl.col("embedding_text").str.to_lowercase())
     con = connect(settings)
     con.execute("CREATE SCHEMA marts")
     con.register("_m", mart.to_arrow())

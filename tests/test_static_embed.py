@@ -95,7 +95,7 @@ def test_static_vectors_are_stored_under_their_own_version(static, models_dir, t
     import polars as pl
 
     settings = load_settings(warehouse=tmp_path / "w.duckdb", threads=1, models_dir=models_dir)
-    mem = pl.DataFrame({"memory_id": ["m1", "m2", "m3"], "memory_text": [ESPRESSO, ESPRESSO_2, MARATHON]})
+    mem = pl.DataFrame({"memory_id": ["m1", "m2", "m3"], "embedding_text": [ESPRESSO, ESPRESSO_2, MARATHON]})
     with connect(settings) as con:
         rep_static = embed_memories(settings, con, memories=mem, embedder=static)
         rep_minilm = embed_memories(settings, con, memories=mem,

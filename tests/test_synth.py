@@ -180,7 +180,8 @@ def test_write_events_roundtrip(tmp_path, events):
 def test_generate_memories():
     m = synth.generate_memories(50, (2, 6), seed=5)
     assert m.columns == [
-        "user_id", "memory_id", "memory_text", "planted_persona", "planted_session", "n_actions", "started_at"
+        "user_id", "memory_id", "memory_text", "embedding_text", "planted_persona", "planted_session", "n_actions",
+        "started_at"
     ]
     assert m.equals(m.sort("user_id", "started_at")) and m.equals(m.sort("planted_session"))
     counts = m.group_by("user_id").len()["len"]

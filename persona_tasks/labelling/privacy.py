@@ -87,7 +87,7 @@ def public_terms(con, run_date: date, k: int) -> PublicTerms:
         return PublicTerms(k=k, public=frozenset(), n_words=0)
     t0 = time.perf_counter()
     reader = con.sql(
-        "SELECT DISTINCT user_id, memory_text FROM marts.intent_memories WHERE started_at < $e ORDER BY user_id",
+        "SELECT DISTINCT user_id, embedding_text FROM marts.intent_memories WHERE started_at < $e ORDER BY user_id",
         params={"e": day_end(run_date)}).to_arrow_reader(100_000)
 
     def pairs():

@@ -10,7 +10,8 @@ from typing import Protocol, runtime_checkable
 class ClusterInput:
     """One cluster of one user's intent memories, as the labellers see it.
 
-    ``memory_texts`` are ``marts.intent_memories.memory_text`` (PII-masked upstream); ``centrality`` is
+    ``memory_texts`` are ``marts.intent_memories.embedding_text`` (what the user meant: queries, titles; PII-masked
+    upstream), the same text that was embedded and clustered; ``centrality`` is
     higher for more representative memories (e.g. cosine to the cluster centroid). ``other_clusters_texts``
     is optional extra contrast for the extractive labeller (texts of this user's other clusters); when a
     labeller is given all of a user's clusters at once it derives the contrast itself.

@@ -24,6 +24,7 @@ with events as (
         event_order_rank,
         event_type,
         action_text,
+        content_text,
         -- the user's previous distinct event that day (stg_events computes it in its dedup window)
         epoch_us(event_ts) - epoch_us(previous_event_ts) as gap_us
     from {{ ref('stg_events') }}
@@ -67,6 +68,7 @@ select
     event_ts,
     event_type,
     action_text,
+    content_text,
     gap_us / 1e6 as seconds_since_previous_event,
     is_session_start,
     session_started_at

@@ -108,7 +108,18 @@ described as (
         end
         || coalesce(subject, '?')
         || case when event_type = 'rating' then coalesce(' [' || genres || ']', '') else '' end
-            as action_text
+            as action_text,
+        -- what the action was about in the user's or the catalogue's own words, without the template verb, the
+        -- rating value or a clicked site: the part of intent_memories.embedding_text (the text that is embedded).
+        -- NULL for clicks (the site is a destination, not an intent; measured in docs/results.md) and for actions
+        -- with no text. PII-masked like action_text.
+        case event_type
+            when 'search' then coalesce(text_masked, title)
+            when 'click' then null
+            when 'rating' then coalesce(title, text_masked) || coalesce(' [' || genres || ']', '')
+            when 'tag' then coalesce({{ mask_pii('coalesce(tag, text)') }} || ': ', '') || coalesce(title, '')
+            else coalesce(title, text_masked)
+        end as content_text
     from labelled
 
 ),
@@ -149,6 +160,7 @@ select
     case when event_type = 'tag' then {{ mask_pii('coalesce(tag, text)') }} end as tag,
     title,
     action_text,
+    nullif(trim(content_text), '') as content_text,
     previous_event_ts,
     batch_id,
     ingested_at
