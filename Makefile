@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: install demo demo-cli airflow test bench bench-daily docs clean help
+.PHONY: install demo demo-cli airflow test eval bench bench-daily docs clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:/'
@@ -35,6 +35,13 @@ airflow: install  ## Airflow UI at http://127.0.0.1:$(AIRFLOW_PORT) (airflow sta
 
 test: install  ## the full test suite (what CI runs)
 	$(BIN)/python -m pytest -q
+
+EVAL_LLM_USERS ?= 30
+eval: install  ## persona-etl evaluate on the bundled AOL + MovieLens samples, LLM sample of $(EVAL_LLM_USERS) users; regenerates docs/results.md (CPU: ~30-60 min)
+	$(BIN)/python -m persona_tasks.cli ingest --format aol data/aol/aol_sample.tsv.gz
+	$(BIN)/python -m persona_tasks.cli ingest --format movielens data/movielens
+	$(BIN)/python -m persona_tasks.cli build
+	$(BIN)/python -m persona_tasks.cli evaluate --json bench/results/evaluate_aol_movielens.json --llm-max-users $(EVAL_LLM_USERS) --write-docs
 
 bench: install  ## benchmarks (figures go into docs/performance.md)
 	$(BIN)/python bench/bench_memories.py

@@ -83,7 +83,7 @@ def pool_embeddings(settings: Settings, pool_users: int, memories: int, seed: in
 
     mem = _with_time(synth.generate_memories(pool_users, memories, seed=seed + POOL_SEED_OFFSET))
     emb = embedder_from_settings(settings)
-    texts = mem["memory_text"].to_list()
+    texts = mem["embedding_text"].to_list()
     digest = hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
     cache = cache_dir / f"pool-{emb.model_version.replace('@', '-')}-{digest}.npy" if cache_dir else None
     info: dict[str, Any] = {"pool_users": pool_users, "pool_memories": mem.height, "model_version": emb.model_version}

@@ -6,7 +6,8 @@ Data. A warehouse with personas made by the real pipeline (embed -> cluster -> e
 * ``events`` (default when ``persona_tasks.dbt_runner`` exists): ``synth.generate_events`` -> ingest (events
   format, attributes category/brand/price) -> ``dbt_runner.build`` -> embed, cluster, label.
 * ``memories`` (the fallback while the dbt models are not there): ``synth.generate_memories`` written straight
-  into ``marts.intent_memories`` (``memory_text`` lower-cased, as the staging models do) -> embed, cluster, label.
+  into ``marts.intent_memories`` (``memory_text`` / ``embedding_text`` lower-cased, as the staging models do) ->
+  embed, cluster, label.
 * ``aol``: the bundled real AOL sample (``data/aol``): ingest, dbt build, then ``--users`` users with 40-150
   memories (a stable sample) are embedded, clustered and labelled.
 * ``warehouse``: an existing warehouse (e.g. the AOL sample after ``make demo``), read-only; its latest staged run.
@@ -83,7 +84,7 @@ def _induce_steps(settings: Settings, con, users: list[str] | None = None, llm_u
     from persona_tasks.induce import cluster_step, label_step, latest_event_date
 
     run_date = latest_event_date(con)
-    memories = query_pl(con, "SELECT memory_id, user_id, memory_text FROM marts.intent_memories")
+    memories = query_pl(con, "SELECT memory_id, user_id, embedding_text FROM marts.intent_memories")
     if users is not None:
         memories = memories.filter(pl.col("user_id").is_in(users))
     embed_memories(settings, con, memories=memories)
@@ -116,6 +117,7 @@ def build_from_memories(settings: Settings, n_users: int, seed: int,
     mart = mem.select(
         "memory_id", "user_id", pl.col("started_at").dt.date().alias("event_date"), "started_at",
         pl.col("started_at").alias("ended_at"), "n_actions", pl.col("memory_text").str.to_lowercase(),
+        pl.col("embedding_text").str.to_lowercase(),
         pl.lit("synth").alias("source"))
     with connect(settings) as con:
         con.execute("CREATE SCHEMA IF NOT EXISTS marts")

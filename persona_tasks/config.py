@@ -240,7 +240,7 @@ class EvaluationSettings(BaseModel):
     bootstrap_samples: int = Field(default=1000, ge=0)
     seed: int = 0
     # users whose history the LLM labeller labels (a stable md5 sample of the evaluable users); 0 = no LLM rows
-    llm_max_users: int = 20
+    llm_max_users: int = 30
     # evaluate at most this many users per dataset (a stable md5 sample); None = all
     max_users: int | None = None
     # MovieLens memory granularity: "movie" (one memory per rating >= movielens_min_rating), "day" (one per user

@@ -676,6 +676,8 @@ def evaluate_dataset(settings: Settings, con: duckdb.DuckDBPyConnection, source:
         mask = subsets[subset]
         if a_key not in per_query or b_key not in per_query or (mask is not None and not mask.any()):
             continue
+        if subset == "novel" and not repeat.any():
+            continue  # every future is novel (MovieLens: a movie is rated once): the "all" row says it
         va, vb = per_query[a_key]["hit@10"], per_query[b_key]["hit@10"]
         m = slice(None) if mask is None else mask
         comparisons.append({"method": a_key, "baseline": b_key, "subset": subset,

@@ -94,12 +94,13 @@ RUNBOOK: dict[str, Entry] = {
         ("SELECT (SELECT count(*) FROM staging.stg_events WHERE event_date = $d) AS actions, "
          "(SELECT sum(n_actions) FROM marts.intent_memories WHERE event_date = $d) AS in_memories",)),
     "memory_text": Entry(
-        "gate_memories", "Some of the day's memories have an empty text (nothing to embed or label).",
+        "gate_memories", "Some of the day's memories have an empty text, display (`memory_text`) or embedded "
+        "(`embedding_text`): nothing to embed or label.",
         "The memories without text:",
         "Usually events with no query, item or title: fix the `[ingest]` mapping of the text fields, then clear "
         "`ingest_landing`.",
         ("SELECT memory_id, n_actions FROM marts.intent_memories WHERE event_date = $d AND "
-         "coalesce(trim(memory_text), '') = ''",)),
+         "(coalesce(trim(memory_text), '') = '' OR coalesce(trim(embedding_text), '') = '')",)),
     "memories_exist": Entry(
         "gate_memories", "No intent memory for the day (or none at all up to it).",
         "Whether raw events of the day exist:",
