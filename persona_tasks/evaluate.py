@@ -457,20 +457,15 @@ def persona_quality(settings: Settings, history: pl.DataFrame, hvec: np.ndarray,
 # Planted personas
 # ---------------------------------------------------------------------------------------------------------------
 
-def planted_recovery(settings: Settings, embedder, n_users: int, memories_per_user: Sequence[int] = (10, 40),
-                     seed: int = 0) -> dict:
-    """Mean per-user ARI and NMI of the configured clustering against the planted personas of
-    ``persona_tasks.synth.generate_memories`` (unassigned memories count as singleton clusters)."""
+def planted_scores(mem: pl.DataFrame, vec: np.ndarray, clustering) -> dict:
+    """Mean per-user ARI / NMI of ``clustering`` (ClusteringSettings) on synth memories ``mem`` (sorted by user)
+    with embeddings ``vec``; unassigned memories count as singleton clusters."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     from persona_tasks.cluster import cluster_frame
-    from persona_tasks.synth import generate_memories
 
-    lo, hi = (int(memories_per_user[0]), int(memories_per_user[-1]))
-    mem = generate_memories(n_users, (lo, hi), seed=seed).sort("user_id", "started_at", "memory_id")
-    vec = encode_distinct(embedder, mem["embedding_text"].to_list())
     res = cluster_frame(mem.select("user_id", "memory_id", "started_at").with_columns(embedding=pl.Series(vec)),
-                        settings.clustering, progress_name="evaluate: planted personas")
+                        clustering, progress_name="evaluate: planted personas")
     j = mem.join(res.assignments.select("memory_id", "cluster_id"), on="memory_id", how="left")
     ari, nmi, k_true, k_found = [], [], [], []
     for _, a, b in _blocks(j["user_id"]):
@@ -481,8 +476,20 @@ def planted_recovery(settings: Settings, embedder, n_users: int, memories_per_us
         nmi.append(normalized_mutual_info_score(truth, found))
         k_true.append(len(set(truth)))
         k_found.append(len(set(found[found >= 0].tolist())))
-    return {"n_users": n_users, "n_memories": mem.height, "ari": float(np.mean(ari)), "nmi": float(np.mean(nmi)),
-            "planted_per_user": float(np.mean(k_true)), "clusters_per_user": float(np.mean(k_found)),
+    return {"ari": float(np.mean(ari)), "nmi": float(np.mean(nmi)), "planted_per_user": float(np.mean(k_true)),
+            "clusters_per_user": float(np.mean(k_found))}
+
+
+def planted_recovery(settings: Settings, embedder, n_users: int, memories_per_user: Sequence[int] = (10, 40),
+                     seed: int = 0) -> dict:
+    """Mean per-user ARI and NMI of the configured clustering against the planted personas of
+    ``persona_tasks.synth.generate_memories`` (their ``embedding_text``, as the pipeline embeds)."""
+    from persona_tasks.synth import generate_memories
+
+    lo, hi = (int(memories_per_user[0]), int(memories_per_user[-1]))
+    mem = generate_memories(n_users, (lo, hi), seed=seed).sort("user_id", "started_at", "memory_id")
+    vec = encode_distinct(embedder, mem["embedding_text"].to_list())
+    return {"n_users": n_users, "n_memories": mem.height, **planted_scores(mem, vec, settings.clustering),
             "seed": seed, "memories_per_user": [lo, hi]}
 
 
@@ -778,6 +785,7 @@ def evaluate(settings: Settings, datasets: Sequence[str] | None = None, *, llm_m
                          "min_term_users": settings.labelling.min_term_users},
             "model_version": embedder.model_version,
             "reference": load_reference(settings.project_dir),
+            "explorations": load_explorations(settings.project_dir),
             "datasets": {},
         }
         with Progress("evaluate", total=len(names), unit="datasets") as progress:
@@ -848,6 +856,53 @@ def _reference_table(d: dict, ref: dict) -> list[str]:
         rows.append(f"| {name}{' (*)' if key in ref.get('notes', {}) else ''} | {ours:.2f} | {ref['hit@10'][key]:.2f} | "
                     f"{ours - ref['hit@10'][key]:+.2f} |")
     return rows
+
+
+PROFILE_VARIANTS = {
+    "text": "one vector per persona: \"label. description\" (the multi-persona row)",
+    "label": "the label only",
+    "terms": "the description's key terms only",
+    "label+examples3": "one vector: the label and the 3 most central memories' texts",
+    "label+examples5": "one vector: the label and the 5 most central memories' texts",
+    "label+examples10": "one vector: the label and the 10 most central memories' texts",
+    "text+examples5": "one vector: label, description and the 5 most central memories' texts",
+    "centroid": "the cluster centroids (the multi-centroid row)",
+    "centroid+text": "per persona: its centroid and its text vector",
+    "text+evidence1": "per persona: its text vector and its most central memory",
+    "text+evidence3": "per persona: its text vector and its 3 most central memories",
+    "text+evidence5": "per persona: its text vector and its 5 most central memories",
+    "text+evidence10": "per persona: its text vector and its 10 most central memories (the text + evidence row)",
+    "evidence3": "per persona: its 3 most central memories, no text",
+    "evidence5": "per persona: its 5 most central memories, no text",
+    "text+evidence_all": "per persona: its text vector and all of its memories",
+    "nearest": "every history memory, no persona (the nearest-memory row)",
+}
+
+
+def _exploration_lines(expl: dict) -> list[str]:
+    """The persona-profile variants tried (bench/explore_persona_profiles.py), as a table."""
+    rows = [f"`bench/explore_persona_profiles.py` on {expl['dataset']} ({expl['n_users']} users, "
+            f"{expl['personas_per_user']:.2f} personas per user, negatives {expl['negatives']}; the same clusters and "
+            "extractive personas for every variant; `lseT:` = soft maximum T x logsumexp(cos / T) instead of the "
+            "maximum):", "",
+            "| profile | what each user's profile holds | vectors per user | Hit@10 | repeat Hit@10 | novel Hit@10 |",
+            "|---|---|---:|---:|---:|---:|"]
+    for name, r in expl["variants"].items():
+        base = name.split(":", 1)[-1]
+        what = PROFILE_VARIANTS.get(base, base) + (f", soft maximum (T = {name[3:].split(':')[0]})"
+                                                   if name.startswith("lse") else "")
+        rows.append(f"| {name} | {what} | {r['vectors_per_user']:.1f} | {_pct(r['hit@10'])} | {_pct(r['repeat'])} | "
+                    f"{_pct(r['novel'])} |")
+    return rows
+
+
+def load_explorations(project_dir: Path | str) -> dict:
+    """bench/results/persona_profiles_<dataset>.json files, by dataset (what was tried for docs/results.md)."""
+    out = {}
+    for path in sorted((Path(project_dir) / "bench" / "results").glob("persona_profiles_*.json")):
+        data = json.loads(path.read_text())
+        out[data["dataset"]] = data
+    return out
 
 
 def _comparison_lines(d: dict) -> list[str]:
@@ -986,6 +1041,9 @@ def render_results(results: dict) -> str:
         comp = _comparison_lines(d)
         if comp:
             L += [f"### Paired differences (negatives: {rule})", "", *comp, ""]
+        expl = results.get("explorations", {}).get(name)
+        if expl:
+            L += ["### What a persona profile holds: variants tried", "", *_exploration_lines(expl), ""]
         sp = d.get("splits", {})
         if sp and sp["repeat"]["n"]:
             L += [f"### Futures that repeat a history memory's text ({sp['repeat']['n']}) vs novel ones "
