@@ -258,12 +258,18 @@ def ranking_metrics(pos: np.ndarray, neg: np.ndarray, ks: Sequence[int] = KS) ->
     return {k: float(v.mean()) if v.size else float("nan") for k, v in q.items()}
 
 
-def max_similarity(profile: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Score of each candidate row: its maximum cosine to a profile row (rounded to 1e-6 so that identical
-    texts tie exactly whatever the BLAS blocking)."""
+def max_similarity(profile: np.ndarray, candidates: np.ndarray, temperature: float | None = None) -> np.ndarray:
+    """Score of each candidate row: its maximum cosine to a profile row, or with ``temperature`` T the soft maximum
+    T * log(sum(exp(cos / T))) (a candidate close to several profile vectors scores above one close to a single
+    one); rounded to 1e-6 so that identical texts tie exactly whatever the BLAS blocking."""
     if profile.shape[0] == 0:
         return np.zeros(candidates.shape[0])
-    return np.round((candidates @ profile.T).max(axis=1).astype(np.float64), 6)
+    sims = (candidates @ profile.T).astype(np.float64)
+    if not temperature:
+        return np.round(sims.max(axis=1), 6)
+    z = sims / temperature
+    m = z.max(axis=1, keepdims=True)
+    return np.round(temperature * (m[:, 0] + np.log(np.exp(z - m).sum(axis=1))), 6)
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -272,9 +278,9 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 
 def rank_futures(profiles: dict[str, np.ndarray], future_vecs: np.ndarray, blocks: list[tuple[str, int, int]],
-                 negatives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                 negatives: np.ndarray, temperature: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(pos scores (n,), neg scores (n, k)) of an embedding method: ``profiles[user]`` is its profile matrix
-    (users without one score 0 everywhere: only ties)."""
+    (users without one score 0 everywhere: only ties); ``temperature``: see ``max_similarity``."""
     n, k = negatives.shape
     pos = np.zeros(n)
     neg = np.zeros((n, k))
@@ -284,7 +290,7 @@ def rank_futures(profiles: dict[str, np.ndarray], future_vecs: np.ndarray, block
             continue
         cand = np.concatenate([np.arange(a, b)[:, None], negatives[a:b]], axis=1)
         uniq, inv = np.unique(cand, return_inverse=True)
-        s = max_similarity(prof, future_vecs[uniq])[inv.reshape(cand.shape)]
+        s = max_similarity(prof, future_vecs[uniq], temperature)[inv.reshape(cand.shape)]
         pos[a:b], neg[a:b] = s[:, 0], s[:, 1:]
     return pos, neg
 
@@ -548,11 +554,13 @@ def _metrics_of(q: dict[str, np.ndarray], mask: np.ndarray | None = None,
 
 
 def score_methods(profiles: dict[str, dict[str, np.ndarray]], fvec: np.ndarray, blocks: list[tuple[str, int, int]],
-                  negatives: np.ndarray, popularity: np.ndarray, seed: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per-query metrics of every method for one set of negatives (``popularity``: each future's count)."""
+                  negatives: np.ndarray, popularity: np.ndarray, seed: int,
+                  temperatures: dict[str, float] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Per-query metrics of every method for one set of negatives (``popularity``: each future's count;
+    ``temperatures``: the methods scored by a soft maximum)."""
     per_query = {}
     for name, prof in profiles.items():
-        pos, neg = rank_futures(prof, fvec, blocks, negatives)
+        pos, neg = rank_futures(prof, fvec, blocks, negatives, (temperatures or {}).get(name))
         per_query[name] = per_query_metrics(pos, neg)
     per_query["popularity"] = per_query_metrics(popularity, popularity[negatives])
     r = np.random.default_rng(seed + 1).random((fvec.shape[0], negatives.shape[1] + 1))
@@ -664,7 +672,9 @@ def evaluate_dataset(settings: Settings, con: duckdb.DuckDBPyConnection, source:
     popular = history.group_by("item_key").len()
     counts = future.select("item_key").join(popular, on="item_key", how="left", maintain_order="left")["len"]
     counts = counts.fill_null(0).to_numpy().astype(np.float64)
-    per_rule = {rule: score_methods(profiles, fvec, blocks, negs, counts, cfg.seed) for rule, negs in neg_sets.items()}
+    soft = {"multi_evidence": cfg.persona_profile_temperature} if cfg.persona_profile_temperature else {}
+    per_rule = {rule: score_methods(profiles, fvec, blocks, negs, counts, cfg.seed, soft)
+                for rule, negs in neg_sets.items()}
     per_query = per_rule[cfg.negatives]
     timings["rank"] = round(time.perf_counter() - t, 2)
 
@@ -983,7 +993,9 @@ def render_results(results: dict) -> str:
         "5. **Scores.** A candidate's score is its maximum cosine similarity to any vector of the user's profile: "
         "*multi-persona*: the persona text embeddings; *multi-persona text + evidence*: per persona its text "
         f"embedding and the embeddings of its {p.get('persona_evidence_vectors', 0)} most central evidence memories "
-        "(what a published persona links to); *multi-centroid*: the same clusters' embedding centroids "
+        "(what a published persona links to), scored by the soft maximum T log(sum(exp(cos / T))) with T = "
+        f"{p.get('persona_profile_temperature')} (a candidate close to several of the profile's vectors ranks above "
+        "one close to a single vector); *multi-centroid*: the same clusters' embedding centroids "
         "(no text: the ceiling of what the labels could carry); *single persona*: one persona labelled from all "
         "history as one cluster; *history centroid*: the mean history embedding; *nearest history memory*: every "
         "history memory (no summary at all); *most recent memory*: the last history memory. *Popularity* scores a "

@@ -228,3 +228,16 @@ def test_bootstrap_interval_covers_the_mean_and_pairs_users():
     assert bootstrap_ci(a, user, w, baseline=a) == (0.0, 0.0)
     lo, hi = bootstrap_ci(a + 0.1, user, w, baseline=a)
     assert abs(lo - 0.1) < 1e-9 and abs(hi - 0.1) < 1e-9
+
+
+def test_soft_maximum_prefers_a_candidate_near_several_profile_vectors():
+    # two candidates with the same best cosine (0.8): the one also close to a second profile vector ranks higher
+    # under a temperature, and they tie under the plain maximum
+    prof = np.array([[1.0, 0.0], [0.0, 1.0]])
+    cand = np.array([[0.8, 0.6], [0.8, -0.6]])
+    hard = max_similarity(prof, cand)
+    soft = max_similarity(prof, cand, temperature=0.05)
+    assert hard[0] == hard[1] == 0.8
+    assert soft[0] > soft[1] >= 0.8 - 1e-6
+    # a very low temperature is the maximum again
+    assert np.allclose(max_similarity(prof, cand, temperature=1e-4), hard, atol=1e-4)
