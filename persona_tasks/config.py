@@ -278,6 +278,25 @@ class EvaluationSettings(BaseModel):
         return v
 
 
+class SensitiveSettings(BaseModel):
+    """Special categories of personal data in personas (``persona_tasks.sensitive``; docs/privacy.md)."""
+
+    # anchors and calibrated thresholds per category (bench/calibrate_sensitive.py writes the thresholds)
+    categories_file: Path = PROJECT_DIR / "data" / "sensitive_categories" / "categories.json"
+    # per category: "flag" (publish, listed in personas.sensitive_categories), "keep" (publish unmarked) or
+    # "suppress" (not published; counted in personas.induction_runs.n_suppressed). Unlisted categories: "flag"
+    policy: dict[str, Literal["keep", "flag", "suppress"]] = Field(default_factory=lambda: {
+        "sexual_content": "flag", "health": "flag", "religion": "flag", "political_views": "flag",
+        "sexual_orientation": "flag"})
+    # per-category overrides of the calibrated thresholds (cosine in [-1, 1])
+    thresholds: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("categories_file", mode="after")
+    @classmethod
+    def _under_project(cls, v: Path) -> Path:
+        return v if v.is_absolute() else PROJECT_DIR / v
+
+
 class OrchestrationSettings(BaseModel):
     """The Airflow DAG ``persona_daily`` (dags/persona_daily.py, persona_tasks.daily; docs/deploy.md)."""
 
@@ -410,6 +429,7 @@ class Settings(BaseSettings):
     topics: TopicsSettings = Field(default_factory=TopicsSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    sensitive: SensitiveSettings = Field(default_factory=SensitiveSettings)
     orchestration: OrchestrationSettings = Field(default_factory=OrchestrationSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)

@@ -47,6 +47,7 @@ _PERSONA_COLUMNS = """
     alignment      DOUBLE,
     truthfulness   DOUBLE,
     objective      DOUBLE,
+    sensitive_categories VARCHAR[],      -- special categories the persona reveals, policy "flag" (persona_tasks.sensitive)
     run_id         VARCHAR   NOT NULL,
     created_at     TIMESTAMP NOT NULL    -- UTC
 """
@@ -93,6 +94,7 @@ CREATE TABLE IF NOT EXISTS personas.induction_runs (
     n_llm          INTEGER   NOT NULL,   -- personas the LLM was asked to label
     n_fallbacks    INTEGER   NOT NULL,   -- of those, answered by the extractive fallback
     coverage       DOUBLE,               -- share of memories that are some persona's evidence
+    n_suppressed   INTEGER,              -- personas not published: a sensitive category with policy "suppress"
     stats          JSON,                 -- timings and rates per step
     published_at   TIMESTAMP             -- NULL while staged only
 );
@@ -105,6 +107,10 @@ CREATE OR REPLACE VIEW personas.current_personas AS
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(PERSONAS_DDL)
+    # warehouses from before the sensitive-category policy
+    for table in ("staged_personas", "personas"):
+        con.execute(f"ALTER TABLE personas.{table} ADD COLUMN IF NOT EXISTS sensitive_categories VARCHAR[]")
+    con.execute("ALTER TABLE personas.induction_runs ADD COLUMN IF NOT EXISTS n_suppressed INTEGER")
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,8 @@ class PublishReport:
     n_evidence: int
     n_users: int
     n_topics: int
+    n_flagged: int = 0
+    n_suppressed: int = 0
 
 
 def stage_run(con: duckdb.DuckDBPyConnection, run_date: date, personas: pl.DataFrame, evidence: pl.DataFrame,
@@ -152,29 +160,59 @@ def publish_run(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: da
         from persona_tasks.errors import PersonaEtlError
 
         raise PersonaEtlError(f"nothing staged for run date {run_date}: run `persona-etl induce` first")
-    with transaction(con):
-        users = "(SELECT DISTINCT user_id FROM personas.staged_personas WHERE run_date = $d)"
-        for table in ("persona_evidence", "persona_embeddings"):
-            con.execute(
-                f"DELETE FROM personas.{table} WHERE run_date = $d AND persona_id IN "
-                f"(SELECT persona_id FROM personas.personas WHERE run_date = $d AND user_id IN {users})",
-                {"d": run_date},
-            )
-        con.execute(f"DELETE FROM personas.personas WHERE run_date = $d AND user_id IN {users}", {"d": run_date})
-        for src, dst in (("staged_personas", "personas"), ("staged_persona_evidence", "persona_evidence"),
-                         ("staged_persona_embeddings", "persona_embeddings")):
-            # by name: every column, the quality scores (cohesion .. objective) included, whatever the column order
-            con.execute(f"INSERT INTO personas.{dst} BY NAME SELECT * FROM personas.{src} WHERE run_date = $d",
-                        {"d": run_date})
-        n_topics = _assign_topics(settings, con, run_date)
-        con.execute("UPDATE personas.induction_runs SET published_at = now()::TIMESTAMP "
-                    "WHERE run_date = $d AND published_at IS NULL", {"d": run_date})
-        n_p, n_u = query_row(
-            con, "SELECT count(*), count(DISTINCT user_id) FROM personas.personas WHERE run_date = $d", {"d": run_date})
-        n_e = query_row(con, "SELECT count(*) FROM personas.persona_evidence WHERE run_date = $d", {"d": run_date})[0]
-    report = PublishReport(run_date, n_p, n_e, n_u, n_topics)
+    sensitive = _classify_staged(settings, con, run_date)
+    con.register("_sensitive", sensitive.to_arrow())
+    try:
+        with transaction(con):
+            report = _publish_staged(settings, con, run_date)
+    finally:
+        con.unregister("_sensitive")
     log.info("publish: %s", report)
     return report
+
+
+def _classify_staged(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date) -> pl.DataFrame:
+    """Sensitive categories of the staged personas of ``run_date`` (from their stored text embeddings)."""
+    from persona_tasks.embed import embeddings_to_numpy
+    from persona_tasks.sensitive import classify_personas
+
+    rows = query_pl(con, "SELECT persona_id, embedding FROM personas.staged_persona_embeddings WHERE run_date = $d "
+                         "ORDER BY persona_id", {"d": run_date})
+    vecs = embeddings_to_numpy(rows["embedding"]) if rows.height else np.zeros((0, 1), np.float32)
+    return classify_personas(settings, rows["persona_id"].to_list(), vecs)
+
+
+def _publish_staged(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date) -> PublishReport:
+    """The body of ``publish_run``, inside its transaction (``_sensitive`` registered)."""
+    con.execute("UPDATE personas.staged_personas p SET sensitive_categories = s.sensitive_categories "
+                "FROM _sensitive s WHERE p.persona_id = s.persona_id AND p.run_date = $d", {"d": run_date})
+    suppressed = "(SELECT persona_id FROM _sensitive WHERE suppressed)"
+    users = "(SELECT DISTINCT user_id FROM personas.staged_personas WHERE run_date = $d)"
+    for table in ("persona_evidence", "persona_embeddings"):
+        con.execute(
+            f"DELETE FROM personas.{table} WHERE run_date = $d AND persona_id IN "
+            f"(SELECT persona_id FROM personas.personas WHERE run_date = $d AND user_id IN {users})",
+            {"d": run_date},
+        )
+    con.execute(f"DELETE FROM personas.personas WHERE run_date = $d AND user_id IN {users}", {"d": run_date})
+    for src, dst in (("staged_personas", "personas"), ("staged_persona_evidence", "persona_evidence"),
+                     ("staged_persona_embeddings", "persona_embeddings")):
+        # by name: every column, the quality scores (cohesion .. objective) included, whatever the column order;
+        # personas of a "suppress" category (and their evidence and embedding) are never published
+        con.execute(f"INSERT INTO personas.{dst} BY NAME SELECT * FROM personas.{src} WHERE run_date = $d "
+                    f"AND persona_id NOT IN {suppressed}", {"d": run_date})
+    n_topics = _assign_topics(settings, con, run_date)
+    n_suppressed = query_row(con, "SELECT count(*) FROM _sensitive WHERE suppressed")[0]
+    n_flagged = query_row(con, "SELECT count(*) FROM _sensitive WHERE NOT suppressed "
+                               "AND len(sensitive_categories) > 0")[0]
+    con.execute("UPDATE personas.induction_runs SET n_suppressed = $n WHERE run_date = $d",
+                {"d": run_date, "n": n_suppressed})
+    con.execute("UPDATE personas.induction_runs SET published_at = now()::TIMESTAMP "
+                "WHERE run_date = $d AND published_at IS NULL", {"d": run_date})
+    n_p, n_u = query_row(
+        con, "SELECT count(*), count(DISTINCT user_id) FROM personas.personas WHERE run_date = $d", {"d": run_date})
+    n_e = query_row(con, "SELECT count(*) FROM personas.persona_evidence WHERE run_date = $d", {"d": run_date})[0]
+    return PublishReport(run_date, n_p, n_e, n_u, n_topics, int(n_flagged), int(n_suppressed))
 
 
 def _assign_topics(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date) -> int:
