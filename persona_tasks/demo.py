@@ -21,7 +21,7 @@ import time
 from persona_tasks.config import load_settings
 
 EXAMPLE_SQL = (
-    "SELECT user_id, started_at, n_actions, memory_text\n"
+    "SELECT user_id, started_at, n_actions, event_types, length(embedding_text) AS text_chars\n"
     "FROM marts.intent_memories\n"
     "WHERE user_id = (SELECT min(user_id) FROM marts.intent_memories)\n"
     "ORDER BY started_at LIMIT 5"
@@ -31,6 +31,7 @@ EXAMPLE_SQL = (
 PERSONAS_SQL = (
     "SELECT p.user_id, p.label, p.labeller, p.n_evidence, round(p.objective, 2) AS objective, t.label AS topic\n"
     "FROM personas.current_personas p LEFT JOIN personas.persona_topics t USING (topic_id, run_date)\n"
+    "WHERE len(p.sensitive_categories) = 0  -- leave out personas flagged in a special category\n"
     "ORDER BY p.user_id, p.n_evidence DESC"
 )
 
@@ -117,31 +118,68 @@ def main_cli() -> None:
     print(f"\ntotal {time.perf_counter() - t0:.0f}s. Tables: docs/tables.md; analysts' queries: persona-etl sql")
 
 
-def show_personas(database, n_users: int = 3) -> None:
-    """Print a few users' personas with their top evidence (the LLM-labelled users first), read-only from
-    ``database`` (the warehouse or its serving copy)."""
-    import duckdb
+SHOWCASE_RULE = ("the users with at least {k} published personas, none of them in a sensitive category "
+                 "(personas.sensitive_categories empty), with the highest mean objective (ties: user_id)")
 
+
+def showcase_users(con, n_users: int = 3, min_personas: int = 3) -> tuple[list[str], str]:
+    """The demo's users, chosen by ``SHOWCASE_RULE`` (with ``min_personas`` lowered until some user qualifies),
+    and the rule as applied."""
     from persona_tasks.warehouse import query_pl
 
+    for k in range(min_personas, 0, -1):
+        users = query_pl(
+            con, "SELECT user_id FROM personas.current_personas GROUP BY user_id "
+                 "HAVING count(*) >= $k AND bool_and(coalesce(len(sensitive_categories), 0) = 0) "
+                 "ORDER BY avg(objective) DESC NULLS LAST, user_id LIMIT $n",
+            {"k": k, "n": n_users})["user_id"].to_list()
+        if users:
+            return users, SHOWCASE_RULE.format(k=k)
+    return [], SHOWCASE_RULE.format(k=1)
+
+
+def snippet(text: str | None, terms, width: int = 48) -> str:
+    """A short, masked excerpt of a memory's text: words fewer than k users wrote become [rare] (the labellers'
+    rule, labelling/privacy.py), then cut to ``width`` characters."""
+    t = terms.mask(text or "") if terms is not None else (text or "")
+    return t if len(t) <= width else t[: width - 1].rstrip() + "…"
+
+
+def show_personas(database, n_users: int = 3) -> None:
+    """Print the personas of the showcase users (``showcase_users``), each with evidence as memory ids and short
+    masked snippets, read-only from ``database`` (the warehouse or its serving copy)."""
+    import duckdb
+
+    from persona_tasks.labelling.privacy import public_terms
+    from persona_tasks.warehouse import query_pl, query_row
+
+    settings = load_settings()
     with duckdb.connect(str(database), read_only=True) as con:
-        users = query_pl(con, "SELECT user_id FROM personas.current_personas GROUP BY user_id "
-                              "ORDER BY bool_or(labeller = 'llm' OR is_fallback) DESC, user_id LIMIT $n",
-                         {"n": n_users})["user_id"].to_list()
+        users, rule = showcase_users(con, n_users)
+        n_flagged, n_users_all = query_row(
+            con, "SELECT count(*) FILTER (WHERE len(sensitive_categories) > 0), count(DISTINCT user_id) "
+                 "FROM personas.current_personas")
+        print(f"\nshowing {len(users)} of {n_users_all} users: {rule}. "
+              f"{n_flagged} personas are flagged in a sensitive category and never shown here (docs/privacy.md).")
+        last = query_row(con, "SELECT max(run_date) FROM personas.current_personas")[0]
+        terms = public_terms(con, last, settings.labelling.min_term_users) if last else None
         for u in users:
-            print(f"\nuser {u}:")
+            mean = query_row(con, "SELECT avg(objective) FROM personas.current_personas WHERE user_id = $u",
+                             {"u": u})[0]
+            print(f"\nuser {u} (mean objective {mean:.2f}):" if mean is not None else f"\nuser {u}:")
             personas = query_pl(con, "SELECT persona_id, run_date, label, description, labeller, is_fallback, "
-                                     "n_evidence FROM personas.current_personas WHERE user_id = $u "
+                                     "n_evidence, objective FROM personas.current_personas WHERE user_id = $u "
                                      "ORDER BY n_evidence DESC LIMIT 4", {"u": u})
-            for pid, run_date, label, desc, labeller, fb, n in personas.iter_rows():
+            for pid, run_date, label, desc, labeller, fb, n, obj in personas.iter_rows():
                 tag = "extractive fallback" if fb else labeller
-                print(f"  [{tag}] {label} ({n} {'memory' if n == 1 else 'memories'})\n    {desc}")
-                ev = query_pl(con, "SELECT m.memory_text FROM personas.persona_evidence e "
+                score = f", objective {obj:.2f}" if obj is not None else ""
+                print(f"  [{tag}] {label} ({n} {'memory' if n == 1 else 'memories'}{score})\n    {desc}")
+                ev = query_pl(con, "SELECT e.memory_id, m.embedding_text FROM personas.persona_evidence e "
                                    "JOIN marts.intent_memories m USING (memory_id) WHERE e.persona_id = $p "
                                    "AND e.run_date = $d ORDER BY e.similarity DESC LIMIT 2",
                               {"p": pid, "d": run_date})
-                for (text,) in ev.iter_rows():
-                    print(f"      evidence: {text[:110]}")
+                for mid, text in ev.iter_rows():
+                    print(f"      evidence {mid[:12]}: {snippet(text, terms)}")
     print("\nexample query:\n" + PERSONAS_SQL)
 
 

@@ -119,3 +119,29 @@ def test_publish_flags_and_suppresses_on_a_real_warehouse(tmp_path, embedder):
     assert "health" in rows["p-health"] and "religion" in rows["p-religion"] and report.n_flagged >= 2
     assert rows["p-political_views"] == [] and rows["p-neutral"] == []
     assert again == rows
+
+
+def test_demo_showcases_unflagged_users_by_its_rule_with_masked_snippets(tmp_path, embedder, capsys):
+    from persona_tasks.demo import show_personas, showcase_users, snippet
+    from persona_tasks.publish import publish_run
+    from persona_tasks.warehouse import connect
+
+    settings = load_settings(warehouse=tmp_path / "wh.duckdb", threads=1)
+    run_date = date(2026, 1, 1)
+    with connect(settings) as con:
+        _stage(settings, con, embedder, run_date)
+        con.execute("CREATE SCHEMA marts")
+        con.execute("CREATE TABLE marts.intent_memories AS SELECT 'm-' || n AS memory_id, 'u-' || n AS user_id, "
+                    "TIMESTAMP '2026-01-01 10:00:00' AS started_at, "
+                    "CASE n WHEN 'neutral' THEN 'zanzibarian descaling' ELSE 'descaling' END AS embedding_text "
+                    "FROM (VALUES ('neutral'), ('health'), ('religion'), ('sexual_content'), ('political_views')) v(n)")
+        publish_run(settings, con, run_date)
+        users, rule = showcase_users(con, n_users=5)
+    # every other planted persona is in a flagged category: only the neutral user may be shown
+    assert users == ["u-neutral"] and "at least 1 published personas" in rule
+    show_personas(settings.warehouse)
+    out = capsys.readouterr().out
+    assert "user u-neutral" in out and "user u-health" not in out and rule in out
+    # evidence is a memory id with a masked snippet: one user's words never reach the screen
+    assert "evidence m-neutral: [rare] descaling" in out and "zanzibarian" not in out
+    assert snippet("a" * 100, None, width=10) == "a" * 9 + "…"
