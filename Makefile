@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: install demo demo-cli airflow test eval bench bench-daily docs clean help
+.PHONY: install demo demo-cli airflow test eval bench bench-daily perf-docs docs clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:/'
@@ -49,6 +49,9 @@ bench: install  ## benchmarks (figures go into docs/performance.md)
 
 bench-daily: install  ## persona_daily under Airflow on a generated 1M-event day, static embeddings (docs/performance.md)
 	$(BIN)/python bench/bench_daily.py --backend static --airflow-only
+
+perf-docs: install  ## regenerate the figures of docs/performance.md from bench/results/*.json
+	$(BIN)/python bench/render_performance.py
 
 docs: install  ## dbt docs for analysts (dbt_project/target/index.html)
 	$(BIN)/python -c "from persona_tasks.dbt_runner import docs_generate; from persona_tasks.config import load_settings; docs_generate(load_settings())"
