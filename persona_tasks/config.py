@@ -87,11 +87,11 @@ class EmbeddingSettings(BaseModel):
     # cap on word pieces per text; None = the model's own (256 for all-MiniLM-L6-v2, which no AOL-sample memory
     # reaches: memory_text is capped at 600 characters, at most 212 word pieces). 128 would truncate 3.4% of them
     # (cosine down to 0.915) for no measurable speed-up. A cap below the model's own changes vectors, so it
-    # changes model_version (suffix "+seq<N>"); see docs/performance.md "Embedding throughput"
+    # changes model_version (suffix "+seq<N>"); see docs/performance.md "Embedding throughput (CPU)"
     max_seq_length: int | None = Field(default=None, ge=8)
     # int8 dynamic quantisation of the encoder's Linear layers (CPU only): 1.3-1.6x faster, but vectors only close
     # to fp32 (cosine 0.97 mean, 0.93 min on AOL memories), so off by default; it changes model_version (suffix
-    # "+int8"); see docs/performance.md "Embedding throughput"
+    # "+int8"); see docs/performance.md "Embedding throughput (CPU)"
     quantize: bool = False
 
 

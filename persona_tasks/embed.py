@@ -27,7 +27,7 @@ interrupted backfill resumes where it stopped.
 Encoder variants (``[embedding] max_seq_length``, ``quantize``): a word-piece cap below the model's own and int8
 dynamic quantisation both give vectors that differ (slightly) from the model's own fp32 ones, so they are stored
 under their own ``model_version`` (``all-MiniLM-L6-v2@3f1c...+seq128+int8``) and never mix with them; the measured
-speed and quality trade-off is in docs/performance.md "Embedding throughput". Progress and memories/s go
+speed and quality trade-off is in docs/performance.md "Embedding throughput (CPU)". Progress and memories/s go
 to the log (``persona_tasks.progress``); torch and BLAS threads are pinned to ``settings.threads``.
 """
 
