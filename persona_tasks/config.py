@@ -141,6 +141,11 @@ class LabellingSettings(BaseModel):
     max_memories: int = 12
     memory_max_tokens: int = 64
     prompt_max_tokens: int = 384
+    # decoding arm (docs/labelling.md): "free" (the model writes the three lines), "constrained" (llguidance keeps the
+    # answer in its grammar, label and description only from the memories' own words and a closed list of function
+    # words: grounded by construction), "skeleton" (constrained, and the extractive labeller's key terms are given
+    # as the skeleton to phrase)
+    decoding: Literal["free", "constrained", "skeleton"] = "free"
     # attempts per cluster (1st greedy, later ones sampled) before the extractive fallback
     max_attempts: int = 3
     # candidates per cluster for LLMLabeller.label_candidates (sampled; the DPO trainer uses several)

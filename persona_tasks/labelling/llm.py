@@ -191,11 +191,20 @@ class LLMLabeller:
                                       num_return_sequences=n, pad_token_id=self.tokenizer.pad_token_id,
                                       eos_token_id=sorted(self._eos_ids) or None,
                                       stopping_criteria=StoppingCriteriaList([stop]))
-            if self.cfg.repetition_penalty != 1.0:
-                from transformers import LogitsProcessorList
+            from transformers import LogitsProcessorList
 
-                kw["logits_processor"] = LogitsProcessorList([_generated_repetition_penalty(
-                    enc["input_ids"].shape[1], self.cfg.repetition_penalty, self._format_token_ids)])
+            processors = []
+            if self.cfg.repetition_penalty != 1.0:
+                processors.append(_generated_repetition_penalty(
+                    enc["input_ids"].shape[1], self.cfg.repetition_penalty, self._format_token_ids))
+            if any(p.grammar for p in prompts):
+                from persona_tasks.labelling.constrained import grammar_constraint
+
+                # last: the mask decides what may follow, after every other change to the scores
+                processors.append(grammar_constraint(self.tokenizer, [p.grammar for p in prompts for _ in range(n)],
+                                                     enc["input_ids"].shape[1]))
+            if processors:
+                kw["logits_processor"] = LogitsProcessorList(processors)
             if do_sample:
                 kw.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p)
             t0 = time.perf_counter()
@@ -247,11 +256,19 @@ class LLMLabeller:
             model_version=self.model_version, fallback=False, attempts=attempts, repairs=list(checked.repairs),
         )
 
+    def _key_terms(self, clusters: list[ClusterInput]) -> list[str | None]:
+        """The skeleton arm's key terms per cluster: the extractive labeller's label (its top c-TF-IDF terms
+        against the user's other clusters in the call); None for the other arms."""
+        if self.cfg.decoding != "skeleton" or not clusters:
+            return [None] * len(clusters)
+        return [re.sub(r"\s+and\s+", ", ", p.label).lower() if p.label != "Mixed activity" else ""
+                for p in self.extractive.label(clusters)]
+
     def _prompts(self, clusters: list[ClusterInput]) -> list[PromptSpec | None]:
         out: list[PromptSpec | None] = []
-        for c in clusters:
+        for c, terms in zip(clusters, self._key_terms(clusters)):
             try:
-                out.append(build_prompt(c, self.tokenizer, self.cfg))
+                out.append(build_prompt(c, self.tokenizer, self.cfg, terms))
             except Exception as e:  # noqa: BLE001 - e.g. a tokenizer without a usable chat template
                 log.warning("prompt failed for cluster %s (%s)", c.cluster_id, type(e).__name__)
                 self.stats.problems["prompt_error"] += 1

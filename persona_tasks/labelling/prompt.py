@@ -23,25 +23,27 @@ SYSTEM_PROMPT = (
     "Description: one to three sentences about what they are doing\n"
     "Evidence: the ids of the memories you used, like m1, m2"
 )
+# the memories are intent_memories.embedding_text (queries, titles): the example shows the same kind of text
 EXAMPLE_MEMORIES = (
-    "m1: searched: tomato seedlings; clicked: gardeners.com\n"
-    "m2: searched: weather tomorrow\n"
-    "m3: searched: when to plant tomatoes\n"
-    "m4: viewed: raised garden bed kit"
+    "m1: tomato seedlings\n"
+    "m2: weather tomorrow\n"
+    "m3: when to plant tomatoes\n"
+    "m4: raised garden bed kit"
 )
+# every content word of the example answer is a word of its memories (what constrained decoding enforces)
 EXAMPLE_ANSWER = (
-    "Label: Vegetable gardener planting tomatoes\n"
-    "Description: Plans a vegetable garden. Looks up tomato seedlings, planting times and a raised bed.\n"
+    "Label: Tomato seedlings and a raised garden bed\n"
+    "Description: Plans when to plant tomatoes. Looks for tomato seedlings and a raised garden bed kit.\n"
     "Evidence: m1, m3, m4"
 )
 # phrases of the prompt itself: an answer holding one copied the prompt
-PROMPT_PHRASES = ("Vegetable gardener planting tomatoes", "persona label", "at most 8 words",
+PROMPT_PHRASES = ("Tomato seedlings and a raised garden bed", "persona label", "at most 8 words",
                   "one to three sentences", "ids of the memories", "what they are doing")
 # words of the example's topic: in an answer they are copied from the example (unless the memories have them)
 EXAMPLE_TOPIC_WORDS = ("tomato", "tomatoes", "seedling", "seedlings", "garden", "gardener", "gardening",
                        "vegetable", "vegetables", "planting", "raised")
 PREFILL = "Label:"
-PROMPT_VERSION = "p2"
+PROMPT_VERSION = "p3"
 
 
 @dataclass
@@ -56,18 +58,26 @@ class PromptSpec:
     local_ids: dict[str, str]  # "m1" -> memory_id (only the memories shown)
     shown_texts: list[str] = field(default_factory=list)  # the (scrubbed, cut) memory texts shown
     n_tokens: int = 0
+    # constrained decoding (labelling.constrained): the answer's grammar after the pre-fill; None = free decoding
+    grammar: str | None = None
 
 
-def _user_message(lines: list[str]) -> str:
-    return "Memories:\n" + "\n".join(lines) + "\nWrite the persona."
+EXAMPLE_KEY_TERMS = "tomato seedlings, raised garden bed"
 
 
-def _messages(lines: list[str]) -> list[dict[str, str]]:
+def _user_message(lines: list[str], key_terms: str | None = None) -> str:
+    terms = f"Key terms: {key_terms}\n" if key_terms is not None else ""
+    return "Memories:\n" + "\n".join(lines) + "\n" + terms + "Write the persona."
+
+
+def _messages(lines: list[str], key_terms: str | None = None) -> list[dict[str, str]]:
+    """The chat; with ``key_terms`` (the skeleton arm) both the example and the cluster carry a Key terms line."""
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": _user_message(EXAMPLE_MEMORIES.split("\n"))},
+        {"role": "user", "content": _user_message(EXAMPLE_MEMORIES.split("\n"),
+                                                  EXAMPLE_KEY_TERMS if key_terms is not None else None)},
         {"role": "assistant", "content": EXAMPLE_ANSWER},
-        {"role": "user", "content": _user_message(lines)},
+        {"role": "user", "content": _user_message(lines, key_terms)},
     ]
 
 
@@ -91,9 +101,12 @@ def _cut(text: str, tokenizer: Any, max_tokens: int) -> str:
     return tokenizer.decode(ids[: max(1, max_tokens - 1)], skip_special_tokens=True).rstrip() + "…"
 
 
-def build_prompt(cluster: ClusterInput, tokenizer: Any, cfg: LabellingSettings) -> PromptSpec:
-    """The labelling prompt for one cluster; at least one memory is always shown."""
-    overhead = count_tokens(render(_messages([]), tokenizer), tokenizer)
+def build_prompt(cluster: ClusterInput, tokenizer: Any, cfg: LabellingSettings,
+                 key_terms: str | None = None) -> PromptSpec:
+    """The labelling prompt for one cluster; at least one memory is always shown. ``key_terms``: the extractive
+    labeller's terms, shown as the skeleton the model phrases (decoding arm ``skeleton``). With a constrained
+    arm (``cfg.decoding``) the prompt carries the grammar of its answer."""
+    overhead = count_tokens(render(_messages([], key_terms), tokenizer), tokenizer)
     budget = cfg.prompt_max_tokens - overhead
     lines: list[str] = []
     local_ids: dict[str, str] = {}
@@ -116,9 +129,14 @@ def build_prompt(cluster: ClusterInput, tokenizer: Any, cfg: LabellingSettings) 
         local_ids[f"m{k}"] = cluster.memory_ids[pos]
         shown.append(text)
         used += n
-    messages = _messages(lines)
+    messages = _messages(lines, key_terms)
     text = render(messages, tokenizer)
+    grammar = None
+    if cfg.decoding != "free":
+        from persona_tasks.labelling.constrained import cluster_vocabulary, persona_grammar
+
+        grammar = persona_grammar(cluster_vocabulary(shown), len(local_ids), cfg)
     return PromptSpec(
         user_id=cluster.user_id, cluster_id=cluster.cluster_id, messages=messages, text=text, prefill=PREFILL,
-        local_ids=local_ids, shown_texts=shown, n_tokens=count_tokens(text, tokenizer),
+        local_ids=local_ids, shown_texts=shown, n_tokens=count_tokens(text, tokenizer), grammar=grammar,
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
 
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
@@ -50,6 +52,19 @@ GENERIC_PERSONA_WORDS = frozenset(
     often frequently mostly mainly likes enjoys looking looks searching browsing browses regularly""".split()
 )
 
+FUNCTION_WORDS_FILE = Path(__file__).with_name("function_words.txt")
+
+
+@lru_cache(maxsize=1)
+def function_words() -> frozenset[str]:
+    """The closed list of function and connective words a persona may use besides its evidence's own words
+    (``function_words.txt``; constrained decoding draws from it): they ground nothing and are not content."""
+    out: list[str] = []
+    for line in FUNCTION_WORDS_FILE.read_text().splitlines():
+        out += line.split("#", 1)[0].split()
+    return frozenset(w.lower() for w in out)
+
+
 # words start with a letter at a word start ("256gb" is no word, "gb" inside it neither)
 _WORD = re.compile(r"(?<![A-Za-z0-9])(?:[A-Za-z][A-Za-z0-9'&+\-]*[A-Za-z0-9]|[A-Za-z])")
 
@@ -60,7 +75,9 @@ def words(text: str) -> list[str]:
 
 
 def content_words(text: str) -> list[str]:
-    return [w for w in words(text) if len(w) >= 3 and w not in STOP_WORDS and w not in GENERIC_PERSONA_WORDS]
+    fw = function_words()
+    return [w for w in words(text) if len(w) >= 3 and w not in STOP_WORDS and w not in GENERIC_PERSONA_WORDS
+            and w not in fw]
 
 
 def _stem(w: str) -> str:
