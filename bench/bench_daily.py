@@ -104,7 +104,7 @@ def child(step: str, day: str, state_path: Path, result_path: Path) -> None:
 
 def embed_rate(settings, day: str, sample: int) -> dict:
     """Encode a random sample of the day's memory texts (model loaded first, not timed): memories/s."""
-    from persona_tasks.daily import day_end
+    from persona_tasks.days import day_end
     from persona_tasks.embed import embedder_from_settings
     from persona_tasks.warehouse import connect_read_only, query_pl
 

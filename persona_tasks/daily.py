@@ -35,11 +35,12 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from datetime import date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 from persona_tasks.config import Settings
 from persona_tasks.errors import PersonaEtlError
+from persona_tasks.days import as_date, day_end  # noqa: F401 - re-exported: the DAG and older callers use daily.*
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +51,6 @@ class GateError(PersonaEtlError):
     def __init__(self, check: str, message: str):
         self.check = check
         super().__init__(f"gate check {check} failed: {message}")
-
-
-def as_date(run_date: date | datetime | str) -> date:
-    if isinstance(run_date, datetime):
-        return run_date.date()
-    if isinstance(run_date, date):
-        return run_date
-    return date.fromisoformat(str(run_date)[:10])
-
-
-def day_end(run_date: date) -> datetime:
-    """Midnight after ``run_date``: memories of a run are those that started before it (induce and the DAG)."""
-    return datetime.combine(run_date + timedelta(days=1), datetime.min.time())
 
 
 def work_dir(settings: Settings) -> Path:

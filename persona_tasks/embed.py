@@ -262,7 +262,8 @@ def embedder_from_settings(settings: Settings) -> Embedder:
     if settings.embedding.backend == "static":
         from persona_tasks.static_embed import cached_static_embedder
 
-        return cached_static_embedder(resolve_model_path(settings), settings.models_dir, settings.threads)
+        path = resolve_model_path(settings)
+        return cached_static_embedder(path, settings.models_dir, settings.threads, model_version_of(path))
     return SentenceTransformerEmbedder.from_settings(settings)
 
 

@@ -973,10 +973,10 @@ def render_results(results: dict) -> str:
         *([results["run_note"], ""] if results.get("run_note") else []),
         "## Protocol",
         "",
-        f"1. **Memories.** Each dataset is one `source` of the warehouse. Granularity per dataset is given with its "
-        f"table. A memory's text (what is embedded, clustered, labelled and compared) is what the user meant: "
-        f"`marts.intent_memories.embedding_text` (the session's distinct queries and item titles, no `searched:` / "
-        f"`clicked:` template words, no clicked sites), not the display text `memory_text`.",
+        "1. **Memories.** Each dataset is one `source` of the warehouse. Granularity per dataset is given with its "
+        "table. A memory's text (what is embedded, clustered, labelled and compared) is what the user meant: "
+        "`marts.intent_memories.embedding_text` (the session's distinct queries and item titles, no `searched:` / "
+        "`clicked:` template words, no clicked sites), not the display text `memory_text`.",
         f"2. **Split.** Per user, memories ordered by `started_at` then `memory_id`; the last "
         f"max(1, floor({p['future_fraction']} x n)) memories are the *future*, the rest the *history*. Users with "
         f"fewer than {p['min_memories']} memories are left out.",

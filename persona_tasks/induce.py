@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 
 from persona_tasks.config import Settings
-from persona_tasks.daily import day_end
+from persona_tasks.days import day_end
 from persona_tasks.errors import PersonaEtlError
 from persona_tasks.publish import PublishReport, publish_run, stage_run
 from persona_tasks.warehouse import connect, query_pl, query_row

@@ -161,14 +161,13 @@ class StaticEmbedder:
     ``model_path``: the sentence-transformers model it is distilled from; ``models_dir``: where the distilled
     model is cached. The distillation runs on first use."""
 
-    def __init__(self, model_path: Path, models_dir: Path, *, threads: int | None = None,
-                 base_version: str | None = None):
-        from persona_tasks.embed import model_version_of
-
+    def __init__(self, model_path: Path, models_dir: Path, *, base_version: str, threads: int | None = None):
         self.model_path = Path(model_path)
         self.models_dir = Path(models_dir)
         self.threads = threads or 1
-        self.base_version = base_version or model_version_of(self.model_path)
+        # the model_version of the model it is distilled from (embed.model_version_of): given by the caller, so
+        # this module needs nothing from persona_tasks.embed (which builds it)
+        self.base_version = base_version
         self.model_version = f"{self.base_version}+{STATIC_RECIPE}"
         self.path = static_dir(self.models_dir, self.base_version)
         self._loaded: tuple[np.ndarray, np.ndarray, object] | None = None
@@ -233,6 +232,6 @@ class StaticEmbedder:
 
 
 @lru_cache(maxsize=4)
-def cached_static_embedder(model_path: Path, models_dir: Path, threads: int) -> StaticEmbedder:
+def cached_static_embedder(model_path: Path, models_dir: Path, threads: int, base_version: str) -> StaticEmbedder:
     """One loaded static model per process and configuration."""
-    return StaticEmbedder(model_path, models_dir, threads=threads)
+    return StaticEmbedder(model_path, models_dir, threads=threads, base_version=base_version)

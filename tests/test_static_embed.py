@@ -55,7 +55,7 @@ def test_distilled_model_is_cached_with_its_recipe(static, models_dir):
     assert np.linalg.norm(vectors[weights > 0].mean(0)) < 1e-3 * np.linalg.norm(vectors[weights > 0], axis=1).mean()
     # a second embedder on the same folder reads it instead of distilling again
     before = (static.path / "vectors.npy").stat().st_mtime_ns
-    again = S.StaticEmbedder(static.model_path, models_dir, threads=1)
+    again = S.StaticEmbedder(static.model_path, models_dir, threads=1, base_version=static.base_version)
     assert np.allclose(again.encode([ESPRESSO]), static.encode([ESPRESSO]))
     assert (static.path / "vectors.npy").stat().st_mtime_ns == before
 
@@ -86,7 +86,7 @@ def test_unreadable_model_names_the_folder(models_dir, static, tmp_path):
     shutil.copytree(models_dir, broken)
     target = S.static_dir(broken, static.base_version)
     (target / "vectors.npy").write_bytes(b"not an array")
-    emb = S.StaticEmbedder(static.model_path, broken, threads=1)
+    emb = S.StaticEmbedder(static.model_path, broken, threads=1, base_version=static.base_version)
     with pytest.raises(S.StaticEmbeddingError, match=re.escape(str(target))):
         emb.encode([ESPRESSO])
 

@@ -81,7 +81,7 @@ class PublicTerms:
 
 def public_terms(con, run_date: date, k: int) -> PublicTerms:
     """``PublicTerms`` over every memory of the warehouse that started before the end of ``run_date``."""
-    from persona_tasks.daily import day_end
+    from persona_tasks.days import day_end
 
     if k <= 1:
         return PublicTerms(k=k, public=frozenset(), n_words=0)
