@@ -101,6 +101,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(warehouse=args.warehouse, threads=args.threads)
     embedder = embedder_from_settings(settings)
     arms = args.arms.split(",")

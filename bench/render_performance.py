@@ -7,7 +7,7 @@ re-run updates the document by running this script (tests/test_performance_doc.p
 document equals the rendering).
 
 Kinds: ``clustering`` (bench/bench_clustering.py), ``clustering_text`` (bench/tune_clustering_text.py),
-``labelling`` (bench/bench_labelling.py), ``embedding_gpu`` (bench/gpu_embedding_rate.py), ``daily_airflow`` /
+``labelling`` (bench/bench_labelling.py), ``labelling_arms`` (bench/bench_labelling_arms.py), ``embedding_gpu`` (bench/gpu_embedding_rate.py), ``daily_airflow`` /
 ``daily_steps`` (bench/bench_daily.py), ``memories`` (bench/bench_memories.py). To add a section: write its prose
 with an empty block ``<!-- bench:KIND:FILE:start -->`` / ``<!-- bench:KIND:FILE:end -->`` and run this script
 (a new KIND is a function below, registered in RENDERERS).
@@ -89,6 +89,23 @@ def render_labelling(d: dict) -> str:
     return "\n".join(out)
 
 
+def render_labelling_arms(d: dict) -> str:
+    """bench/bench_labelling_arms.py: one row per dataset and decoding arm."""
+    out = [f"Raw: `bench/results/{d['_file']}` (model {d['model_version']}, embedder {d['embedding']}, "
+           f"{d['threads']} threads, batch {d['batch_size']}, up to {d['max_attempts']} attempts, "
+           f"{d['max_new_tokens']} new tokens).", "",
+           "| dataset | arm | clusters | fallback rate | objective | truthfulness | alignment | cohesion | "
+           "s per persona | problems (all attempts) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for src, ds in d["datasets"].items():
+        for arm, r in ds["arms"].items():
+            q = r["quality"]
+            probs = ", ".join(f"{k} {v}" for k, v in sorted(r.get("problems", {}).items(), key=lambda kv: -kv[1]))
+            out.append(f"| {src} | {arm} | {r['clusters']} | {r['fallback_rate']:.3f} | {_f(q.get('objective'), 3)} | "
+                       f"{_f(q.get('truthfulness'), 3)} | {_f(q.get('alignment'), 3)} | {_f(q.get('cohesion'), 3)} | "
+                       f"{r['seconds_per_persona']:.2f} | {probs or '-'} |")
+    return "\n".join(out)
+
+
 def render_embedding_gpu(d: dict) -> str:
     out = [f"Raw: `bench/results/{d['_file']}` ({d['gpu']}, torch {d['torch']}, CPU side {d['cpu_threads']} "
            "threads).", "", "| device | dtype | batch | texts | seconds | memories/s |", "|---|---|---:|---:|---:|---:|"]
@@ -147,6 +164,7 @@ def render_memories(d: dict) -> str:
 
 RENDERERS = {
     "clustering": render_clustering, "clustering_text": render_clustering_text, "labelling": render_labelling,
+    "labelling_arms": render_labelling_arms,
     "embedding_gpu": render_embedding_gpu, "daily_airflow": render_daily_airflow, "daily_steps": render_daily_steps,
     "memories": render_memories,
 }
