@@ -464,3 +464,14 @@ def test_constrained_decoding_is_valid_by_construction_on_planted_clusters():
     lab2 = LLMLabeller(s2, model=model, tokenizer=tok, model_version=version)
     prompts = lab2._prompts(clusters)
     assert all("Key terms: " in p.text and p.grammar for p in prompts)
+
+
+def test_constrained_vocabulary_cannot_assert_demographics_and_labels_start_with_content():
+    from persona_tasks.labelling.constrained import cluster_vocabulary, persona_grammar
+
+    vocab = cluster_vocabulary(["gifts for my wife", "his and her watches", "man city tickets"])
+    assert not {"wife", "his", "her", "man"} & set(vocab) and {"gifts", "watches", "tickets"} <= set(vocab)
+    label_rule = next(line for line in persona_grammar(vocab, 2, LabellingSettings()).splitlines()
+                      if line.startswith("LABEL"))
+    head = label_rule.split("(?: ")[0]
+    assert "gifts" in head and "for" not in head.split("|")  # a function word cannot open the label

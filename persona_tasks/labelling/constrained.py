@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from persona_tasks.config import LabellingSettings
-from persona_tasks.labelling.text import PLACEHOLDER, function_words, words
+from persona_tasks.labelling.text import PLACEHOLDER, content_words, function_words, words
 
 # a word of the vocabulary: what labelling.text.words yields, bounded in length (a 40-letter "word" is noise)
 _MAX_WORD_CHARS = 30
@@ -26,11 +26,14 @@ _MAX_WORD_CHARS = 30
 
 def cluster_vocabulary(shown_texts: list[str], max_words: int = 400) -> list[str]:
     """The cluster's own words: lower-cased words of the memories shown, placeholders removed, most frequent
-    first (at most ``max_words``)."""
+    first (at most ``max_words``). Words that would assert an age or a gender (``man``, ``girls``, ``wife``: the
+    validator's demographics rule) are left out even when a query holds them, so no persona can assert one."""
+    from persona_tasks.labelling.validate import asserts_demographics
+
     counts: dict[str, int] = {}
     for t in shown_texts:
         for w in words(PLACEHOLDER.sub(" ", t or "")):
-            if 1 < len(w) <= _MAX_WORD_CHARS or w in ("a", "i"):
+            if (1 < len(w) <= _MAX_WORD_CHARS or w in ("a", "i")) and not asserts_demographics(w):
                 counts[w] = counts.get(w, 0) + 1
     return sorted(counts, key=lambda w: (-counts[w], w))[:max_words]
 
@@ -45,6 +48,10 @@ def persona_grammar(vocabulary: list[str], n_ids: int, cfg: LabellingSettings) -
     lower = _alternation(vocab)
     capital = _alternation([w[:1].upper() + w[1:] for w in vocab])
     word = f"(?:{lower}|{capital})"
+    # the label starts with one of the cluster's content words, so it always names what the cluster is about
+    # (a label of function words only, "Looking for a", fails the validator's ungrounded_label)
+    content = [w for w in vocabulary if content_words(w)] or list(vocabulary) or ["activity"]
+    head = f"(?:{_alternation(content)}|{_alternation([w[:1].upper() + w[1:] for w in content])})"
     max_label = max(1, cfg.label_max_words)
     sentence = f"{capital}(?:(?:, | ){lower}){{2,11}}\\."
     n = max(1, n_ids)
@@ -53,7 +60,7 @@ def persona_grammar(vocabulary: list[str], n_ids: int, cfg: LabellingSettings) -
     max_sent = max(1, cfg.description_max_sentences)
     return "\n".join([
         'start: " " LABEL "\\nDescription: " DESC "\\nEvidence: " EVID "\\n"',
-        f"LABEL: /{word}(?: {word}){{0,{max_label - 1}}}/",
+        f"LABEL: /{head}(?: {word}){{0,{max_label - 1}}}/",
         f"DESC: /{sentence}(?: {sentence}){{0,{max_sent - 1}}}/",
         f"EVID: /{ident}(?:, {ident}){{0,{max_ev - 1}}}/",
     ])

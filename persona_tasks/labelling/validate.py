@@ -39,6 +39,11 @@ _DEMOGRAPHIC = re.compile(
     r"mom|dad|husband|wife|boyfriend|girlfriend)\b|\bnamed\s+[A-Za-z]",
     re.IGNORECASE,
 )
+def asserts_demographics(text: str) -> bool:
+    """Whether ``text`` asserts an age or a gender (the ``demographics`` problem)."""
+    return bool(_DEMOGRAPHIC.search(text or ""))
+
+
 _MARKUP = re.compile(r"^[\s\"'`*_#>\-\[\](){}]+|[\s\"'`*_#\[\](){},;:]+$")
 
 
