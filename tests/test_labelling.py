@@ -232,7 +232,7 @@ def tiny_model(tokenizer):
 
 def settings(**labelling):
     s = load_settings(threads=1)
-    base = dict(max_new_tokens=12, max_attempts=2, batch_size=4)
+    base = dict(max_new_tokens=12, max_attempts=2, batch_size=4, decoding="free")  # free unless a test says
     base.update(labelling)
     s.labelling = s.labelling.model_copy(update=base)
     return s
