@@ -792,7 +792,8 @@ def evaluate(settings: Settings, datasets: Sequence[str] | None = None, *, llm_m
                          else llm_max_users, "max_users": cfg.max_users if max_users is None else max_users,
                          "session_gap_minutes": settings.session_gap_minutes,
                          "clustering_strategy": settings.clustering.strategy, "ks": list(KS),
-                         "min_term_users": settings.labelling.min_term_users},
+                         "min_term_users": settings.labelling.min_term_users,
+                         "labelling_decoding": settings.labelling.decoding},
             "model_version": embedder.model_version,
             "reference": load_reference(settings.project_dir),
             "explorations": load_explorations(settings.project_dir),
@@ -1007,8 +1008,9 @@ def render_results(results: dict) -> str:
         "score gets the random expectation (Hit@10 = 10 %, MRR = 5.19 % with 100 candidates). Intervals: 95 % "
         f"percentile intervals of a bootstrap over users ({p.get('bootstrap_samples', 0)} resamples; a user's "
         "futures stay together); differences between two methods are paired (the same resampled users).",
-        f"7. **LLM sample.** The LLM labeller (the configured model, default SmolLM2-135M-Instruct; on CPU it "
-        f"manages well under one prompt per second, throughput below) labels the history clusters of a fixed sample "
+        f"7. **LLM sample.** The LLM labeller (the configured model, default SmolLM2-135M-Instruct, decoding arm "
+        f"`{p.get('labelling_decoding', 'free')}`, docs/labelling.md; on CPU it manages about one prompt per second "
+        f"at best, throughput below) labels the history clusters of a fixed sample "
         f"of {p['llm_max_users']} evaluable users per dataset (the first by md5 of user_id), single persona included; "
         "its rows are reported on that sample next to every other method on the same users' futures. Its personas "
         "that fail validation after the configured attempts are extractive fallbacks (rate below).",
