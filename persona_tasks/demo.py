@@ -180,6 +180,20 @@ def show_personas(database, n_users: int = 3) -> None:
                               {"p": pid, "d": run_date})
                 for mid, text in ev.iter_rows():
                     print(f"      evidence {mid[:12]}: {snippet(text, terms)}")
+        llm = query_pl(con, "SELECT persona_id, run_date, user_id, label, description, objective "
+                            "FROM personas.current_personas WHERE labeller = 'llm' AND NOT is_fallback "
+                            "AND coalesce(len(sensitive_categories), 0) = 0 "
+                            "ORDER BY objective DESC NULLS LAST, persona_id LIMIT 3")
+        if llm.height:
+            print("\nwritten by the LLM labeller (constrained decoding; its best-scored personas, none flagged):")
+        for pid, run_date, u, label, desc, obj in llm.iter_rows():
+            score = f", objective {obj:.2f}" if obj is not None else ""
+            print(f"  user {u}: [llm] {label}{score}\n    {desc}")
+            ev = query_pl(con, "SELECT e.memory_id, m.embedding_text FROM personas.persona_evidence e "
+                               "JOIN marts.intent_memories m USING (memory_id) WHERE e.persona_id = $p "
+                               "AND e.run_date = $d ORDER BY e.similarity DESC LIMIT 1", {"p": pid, "d": run_date})
+            for mid, text in ev.iter_rows():
+                print(f"      evidence {mid[:12]}: {snippet(text, terms)}")
     print("\nexample query:\n" + PERSONAS_SQL)
 
 

@@ -136,6 +136,8 @@ def test_demo_showcases_unflagged_users_by_its_rule_with_masked_snippets(tmp_pat
                     "CASE n WHEN 'neutral' THEN 'zanzibarian descaling' ELSE 'descaling' END AS embedding_text "
                     "FROM (VALUES ('neutral'), ('health'), ('religion'), ('sexual_content'), ('political_views')) v(n)")
         publish_run(settings, con, run_date)
+        # the neutral persona as if the LLM had written it; the flagged religion one too (never shown)
+        con.execute("UPDATE personas.personas SET labeller = 'llm' WHERE persona_id IN ('p-neutral', 'p-religion')")
         users, rule = showcase_users(con, n_users=5)
     # every other planted persona is in a flagged category: only the neutral user may be shown
     assert users == ["u-neutral"] and "at least 1 published personas" in rule
@@ -144,4 +146,7 @@ def test_demo_showcases_unflagged_users_by_its_rule_with_masked_snippets(tmp_pat
     assert "user u-neutral" in out and "user u-health" not in out and rule in out
     # evidence is a memory id with a masked snippet: one user's words never reach the screen
     assert "evidence m-neutral: [rare] descaling" in out and "zanzibarian" not in out
+    # LLM-written personas get their own lines, flagged ones never
+    llm_part = out.split("written by the LLM labeller", 1)[1]
+    assert "user u-neutral: [llm]" in llm_part and "u-religion" not in llm_part
     assert snippet("a" * 100, None, width=10) == "a" * 9 + "…"
