@@ -6,7 +6,7 @@ from the dict ``evaluate`` returns):
 1. **Memories.** One dataset per ``source`` of the warehouse. AOL (and any other source): the rows of
    ``marts.intent_memories`` (sessions, 30-minute gap). MovieLens: an evaluation-side regrouping of
    ``staging.stg_events`` (``[evaluation] movielens_granularity``): ``movie`` (default) = one memory per rating of
-   at least ``movielens_min_rating`` (text ``rated: Title (year) [genres]``, the rating value dropped), ``day`` =
+   at least ``movielens_min_rating`` (text ``Title (year) [genres]``, the rating value dropped), ``day`` =
    one memory per user and UTC day of such ratings, ``session`` = the mart as built.
 2. **Split.** Per user, memories in time order (``started_at``, then ``memory_id``); the last
    ``max(1, floor(future_fraction * n))`` are the future, the rest the history; users with fewer than
@@ -955,7 +955,7 @@ NEGATIVES_RULES = {
 GRANULARITY = {
     "session": "one memory per session of `marts.intent_memories` (gap > {gap} min or UTC midnight starts a new one)",
     "movie": "one memory per rating of at least {r} (one per rated movie; evaluation-side regrouping of "
-             "`staging.stg_events`, text `rated: Title (year) [genres]`, the rating value dropped)",
+             "`staging.stg_events`, text `Title (year) [genres]` from `content_text`, the rating value dropped)",
     "day": "one memory per user and UTC day of ratings of at least {r} (evaluation-side regrouping of "
            "`staging.stg_events`)",
 }
