@@ -144,9 +144,10 @@ class LabellingSettings(BaseModel):
     # decoding arm (docs/labelling.md): "free" (the model writes the three lines), "constrained" (llguidance keeps the
     # answer in its grammar, label and description only from the memories' own words and a closed list of function
     # words: grounded by construction), "skeleton" (constrained, and the extractive labeller's key terms are given
-    # as the skeleton to phrase). Default constrained: on 100 AOL history clusters 2.9% fallback (free: 72% on the
-    # evaluation sample), objective 0.733 vs 0.747 extractive (docs/labelling.md)
-    decoding: Literal["free", "constrained", "skeleton"] = "constrained"
+    # as the skeleton to phrase). Default skeleton, by measurement (bench/bench_labelling_arms.py, docs/labelling.md):
+    # on 103 AOL / 50 MovieLens history clusters fallback 1.9% / 0% (free: 51.5%), objective 0.746 / 0.665 against
+    # constrained 0.731 / 0.643 and the extractive labeller 0.747 / 0.642
+    decoding: Literal["free", "constrained", "skeleton"] = "skeleton"
     # attempts per cluster (1st greedy, later ones sampled) before the extractive fallback
     max_attempts: int = 3
     # candidates per cluster for LLMLabeller.label_candidates (sampled; the DPO trainer uses several)
