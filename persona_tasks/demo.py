@@ -122,6 +122,10 @@ SHOWCASE_RULE = ("the users with at least {k} published personas, none of them i
                  "(personas.sensitive_categories empty), with the highest mean objective (ties: user_id)")
 
 
+# the demo shows LLM personas of at least this quality (docs/quality.md: objective in [0, 1])
+LLM_SHOW_MIN_OBJECTIVE = 0.5
+
+
 def showcase_users(con, n_users: int = 3, min_personas: int = 3) -> tuple[list[str], str]:
     """The demo's users, chosen by ``SHOWCASE_RULE`` (with ``min_personas`` lowered until some user qualifies),
     and the rule as applied."""
@@ -182,10 +186,11 @@ def show_personas(database, n_users: int = 3) -> None:
                     print(f"      evidence {mid[:12]}: {snippet(text, terms)}")
         llm = query_pl(con, "SELECT persona_id, run_date, user_id, label, description, objective "
                             "FROM personas.current_personas WHERE labeller = 'llm' AND NOT is_fallback "
-                            "AND coalesce(len(sensitive_categories), 0) = 0 "
-                            "ORDER BY objective DESC NULLS LAST, persona_id LIMIT 3")
+                            "AND coalesce(len(sensitive_categories), 0) = 0 AND objective >= $floor "
+                            "ORDER BY objective DESC NULLS LAST, persona_id LIMIT 3", {"floor": LLM_SHOW_MIN_OBJECTIVE})
         if llm.height:
-            print("\nwritten by the LLM labeller (constrained decoding; its best-scored personas, none flagged):")
+            print(f"\nwritten by the LLM labeller ({settings.labelling.decoding} decoding; its best-scored personas "
+                  f"with objective >= {LLM_SHOW_MIN_OBJECTIVE}, none flagged):")
         for pid, run_date, u, label, desc, obj in llm.iter_rows():
             score = f", objective {obj:.2f}" if obj is not None else ""
             print(f"  user {u}: [llm] {label}{score}\n    {desc}")

@@ -137,7 +137,8 @@ def test_demo_showcases_unflagged_users_by_its_rule_with_masked_snippets(tmp_pat
                     "FROM (VALUES ('neutral'), ('health'), ('religion'), ('sexual_content'), ('political_views')) v(n)")
         publish_run(settings, con, run_date)
         # the neutral persona as if the LLM had written it; the flagged religion one too (never shown)
-        con.execute("UPDATE personas.personas SET labeller = 'llm' WHERE persona_id IN ('p-neutral', 'p-religion')")
+        con.execute("UPDATE personas.personas SET labeller = 'llm', objective = 0.8 "
+                    "WHERE persona_id IN ('p-neutral', 'p-religion')")
         users, rule = showcase_users(con, n_users=5)
     # every other planted persona is in a flagged category: only the neutral user may be shown
     assert users == ["u-neutral"] and "at least 1 published personas" in rule
