@@ -50,7 +50,7 @@ bench: install  ## benchmarks (figures go into docs/performance.md)
 bench-daily: install  ## persona_daily under Airflow on a generated 1M-event day, static embeddings (docs/performance.md)
 	$(BIN)/python bench/bench_daily.py --backend static --airflow-only
 
-perf-docs: install  ## regenerate the figures of docs/performance.md from bench/results/*.json
+perf-docs: install  ## regenerate docs/performance.md from bench/performance.template.md and bench/results/*.json
 	$(BIN)/python bench/render_performance.py
 
 docs: install  ## dbt docs for analysts (dbt_project/target/index.html)
