@@ -57,9 +57,10 @@ FIELD = re.compile(r"\{\{(.*?)\}\}", re.S)
 class NotMeasured(Exception):
     """A paragraph read a results file that is absent."""
 
-    def __init__(self, stem: str):
+    def __init__(self, stem: str, what: str | None = None):
         super().__init__(stem)
         self.stem = stem
+        self.what = what or f"bench/results/{stem}.json is absent"
 
 
 class Result:
@@ -374,6 +375,17 @@ def per_cluster(d, key: str) -> float:
     return sum(r[key] for r in d.runs) / sum(r.clusters for r in d.runs)
 
 
+def arm_of(files, model: str, dataset: str, arm: str):
+    """The ``arm`` results of ``dataset`` in the first labelling-arms file whose model_version starts with ``model``
+    (several models' files may sit side by side)."""
+    for d in files if isinstance(files, list) else [files]:
+        if isinstance(d, Missing):
+            raise NotMeasured(d.stem)
+        if d.model_version.startswith(model) and dataset in d.datasets and arm in d.datasets[dataset].arms:
+            return d.datasets[dataset].arms[arm]
+    raise NotMeasured("labelling_arms_*", f"no bench/results/labelling_arms_*.json has {model}'s {arm} arm on {dataset}")
+
+
 def labelling_arms_table(files) -> str:
     """bench/bench_labelling_arms.py: one row per model, dataset and decoding arm."""
     out = ["| model | dataset | arm | clusters | fallback rate | objective | truthfulness | alignment | cohesion | "
@@ -482,7 +494,8 @@ def results_index(used: dict[str, list[str]], results: dict[str, Result]) -> str
             continue
         where = ", ".join(f'"{s}"' for s in used.get(stem, [])) or "not yet in a section"
         origin = _src_one(results[stem]).split(" (", 1)
-        out.append(f"| `{stem}.json` | {origin[1][:-1] if len(origin) > 1 else ''} | {where} |")
+        out.append(f"| `{stem}.json` | {origin[1][:-1] if len(origin) > 1 else 'no date recorded (add it to provenance.json)'}"
+                   f" | {where} |")
     return "\n".join(out)
 
 
@@ -490,7 +503,7 @@ HELPERS: dict[str, Callable] = {
     f.__name__: f for f in (
         ratio, pct, hit, minutes, src, raw, memories_table, embedding_cpu_table, embedding_gpu_table,
         static_quality_table, clustering_table, clustering_verdict, clustering_text_table, labelling_table,
-        extractive_line, best_run, per_cluster, labelling_arms_table, arms_setup, quality_auc_table,
+        extractive_line, best_run, per_cluster, arm_of, labelling_arms_table, arms_setup, quality_auc_table,
         evaluate_timings_table, daily_table, step_seconds, steps_total, daily_estimate_table, estimate_total)
 } | {"sum": sum, "min": min, "max": max, "len": len, "round": round, "abs": abs, "sorted": sorted, "all": all,
      "any": any, "str": str}
@@ -569,7 +582,7 @@ def render(template: str | None = None, results: Path = RESULTS) -> str:
         try:
             out.append(FIELD.sub(field, para))
         except NotMeasured as e:
-            line = f"*Not measured: bench/results/{e.stem}.json is absent.*"
+            line = f"*Not measured: {e.what}.*"
             if not (out and out[-1] == line):
                 out.append(line)
     if index_at is not None:
