@@ -333,7 +333,8 @@ def clustering_verdict(d) -> str:
 
 
 def clustering_text_table(d) -> str:
-    out = ["| text embedded | merge_min_similarity | ARI | NMI | clusters/user (planted) |", "|---|---:|---:|---:|---:|"]
+    out = ["| text embedded | merge_min_similarity | ARI | NMI | clusters/user (planted) |",
+           "|---|---:|---:|---:|---:|"]
     for r in d.rows:
         thr = r.merge_min_similarity if r.merge_min_similarity is not None else "off"
         out.append(f"| {r.text} | {thr}{' (default)' if thr == d.default_merge_min_similarity else ''} | {r.ari:.3f} | "
@@ -383,7 +384,8 @@ def arm_of(files, model: str, dataset: str, arm: str):
             raise NotMeasured(d.stem)
         if d.model_version.startswith(model) and dataset in d.datasets and arm in d.datasets[dataset].arms:
             return d.datasets[dataset].arms[arm]
-    raise NotMeasured("labelling_arms_*", f"no bench/results/labelling_arms_*.json has {model}'s {arm} arm on {dataset}")
+    raise NotMeasured("labelling_arms_*",
+                      f"no bench/results/labelling_arms_*.json has {model}'s {arm} arm on {dataset}")
 
 
 def labelling_arms_table(files) -> str:
@@ -395,9 +397,11 @@ def labelling_arms_table(files) -> str:
         for source, ds in d.datasets.items():
             for arm, r in ds.arms.items():
                 q = r.quality
-                probs = ", ".join(f"{k} {v}" for k, v in sorted(raw(r.get("problems", {})).items(), key=lambda kv: -kv[1]))
+                counts = sorted(raw(r.get("problems", {})).items(), key=lambda kv: -kv[1])
+                probs = ", ".join(f"{k} {v}" for k, v in counts)
                 out.append(f"| {model} | {source} | {arm} | {r.clusters} | {r.fallback_rate:.3f} | "
-                           f"{_f(q.get('objective'), 3)} | {_f(q.get('truthfulness'), 3)} | {_f(q.get('alignment'), 3)} | "
+                           f"{_f(q.get('objective'), 3)} | {_f(q.get('truthfulness'), 3)} | "
+                           f"{_f(q.get('alignment'), 3)} | "
                            f"{_f(q.get('cohesion'), 3)} | {r.seconds_per_persona:.2f} | {probs or '-'} |")
     return "\n".join(out)
 
@@ -475,7 +479,8 @@ def daily_estimate_table(est) -> str:
         total += sec
         how = r.how.replace("scale", f"{est.scale}")
         if r.step == "embed":
-            how = f"{est.memories:,} memories / {est.embed_rate_memories_per_s} per s (rate sampled on {est.embed_sample:,})"
+            how = (f"{est.memories:,} memories / {est.embed_rate_memories_per_s} per s "
+                   f"(rate sampled on {est.embed_sample:,})")
         measured = r.how.startswith("measured")
         out.append(f"| {r.step} | {'' if measured else '~'}{sec:,.{1 if measured else 0}f} | {how} |")
     out.append(f"| **total** | **~{total:,.0f} ({total / 60:.0f} min)** | |")
@@ -494,8 +499,8 @@ def results_index(used: dict[str, list[str]], results: dict[str, Result]) -> str
             continue
         where = ", ".join(f'"{s}"' for s in used.get(stem, [])) or "not yet in a section"
         origin = _src_one(results[stem]).split(" (", 1)
-        out.append(f"| `{stem}.json` | {origin[1][:-1] if len(origin) > 1 else 'no date recorded (add it to provenance.json)'}"
-                   f" | {where} |")
+        known = origin[1][:-1] if len(origin) > 1 else "no date recorded (add it to provenance.json)"
+        out.append(f"| `{stem}.json` | {known} | {where} |")
     return "\n".join(out)
 
 
