@@ -148,6 +148,16 @@ def _columns(kwargs: dict) -> list[str]:
     return list(kwargs.get("column_list") or [])
 
 
+def thresholds(kwargs: dict) -> dict:
+    """The bounds of an expectation (min/max, strictness, value set, mostly), as JSON values."""
+    out = {k: _jsonable(kwargs[k]) for k in _THRESHOLD_KEYS
+           if k in kwargs and kwargs[k] is not None and not (k == "mostly" and kwargs[k] == 1)
+           and not (k in ("strict_min", "strict_max") and not kwargs[k])}
+    if isinstance(out.get("value_set"), list):
+        out["value_set"] = sorted(out["value_set"], key=str)
+    return out
+
+
 def _result_of(check: Check, er, frame, id_col: str | None, severity: str) -> CheckResult:
     cfg = er.expectation_config
     kwargs = dict(cfg.kwargs)
@@ -165,11 +175,7 @@ def _result_of(check: Check, er, frame, id_col: str | None, severity: str) -> Ch
         observed = None if pct is None else round(float(pct) / 100.0, 6)  # share of unexpected rows
     else:
         observed = None
-    threshold = {k: _jsonable(kwargs[k]) for k in _THRESHOLD_KEYS
-                 if k in kwargs and kwargs[k] is not None and not (k == "mostly" and kwargs[k] == 1)
-                 and not (k in ("strict_min", "strict_max") and not kwargs[k])}
-    if isinstance(threshold.get("value_set"), list):
-        threshold["value_set"] = sorted(threshold["value_set"], key=str)
+    threshold = thresholds(kwargs)
     ids: list[str] = []
     if id_col:
         for item in r.get("partial_unexpected_index_list") or []:
@@ -224,7 +230,8 @@ def validate(settings: Settings, suite: Suite, day: date, frames: dict, run: Run
             e.meta = {"check": c.name, "severity": sev}
             e.severity = _GX_SEVERITY[sev]
             note = " [overridden for this day]" if c.name in overrides else ""
-            e.description = f"{c.name} ({sev}{note}): {c.title}"
+            bounds = ", ".join(f"{k} {_fmt(v)}" for k, v in thresholds(dict(e.configuration.kwargs)).items())
+            e.description = f"{c.name} ({sev}{note}): {c.title}" + (f" [{bounds}]" if bounds else "")
             expectations.append(e)
         name = f"{suite.gate}.{frame_name}"
         gx_suite = ctx.suites.add_or_update(gx.ExpectationSuite(name=name, expectations=expectations))
