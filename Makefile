@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: install demo demo-cli airflow test eval bench bench-daily perf-docs docs clean help
+.PHONY: install demo demo-cli airflow quality-docs test eval bench bench-daily perf-docs docs clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:/'
@@ -32,6 +32,10 @@ airflow: install  ## Airflow UI at http://127.0.0.1:$(AIRFLOW_PORT) (airflow sta
 	@$(AIRFLOW_ENV) $(BIN)/airflow pools set warehouse_writer 1 "one DuckDB writer at a time" >/dev/null
 	@echo "Airflow: http://127.0.0.1:$(AIRFLOW_PORT)  login: admin, password in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
 	$(AIRFLOW_ENV) AIRFLOW__API_AUTH__JWT_SECRET=$$(cat $(AIRFLOW_HOME)/jwt_secret) exec $(BIN)/python -m persona_tasks.local_airflow standalone
+
+QUALITY_DOCS_PORT ?= 8765
+quality-docs: install  ## the gates' Data Docs (every check of every gate run) at http://127.0.0.1:$(QUALITY_DOCS_PORT) (Ctrl-C stops)
+	$(BIN)/python -m persona_tasks.cli gate docs --port $(QUALITY_DOCS_PORT)
 
 test: install  ## the full test suite (what CI runs)
 	$(BIN)/python -m pytest -q

@@ -8,8 +8,9 @@ what each step checks). Settings come from persona_etl.toml / ``PERSONA_ETL_*`` 
   ``airflow backfill create --dag-id persona_daily --from-date D1 --to-date D2`` process the days D.. alike.
 - One writer per DuckDB file: ``max_active_runs=1`` and every task that opens the warehouse runs in the pool
   ``warehouse_writer`` (1 slot). The cluster shards read a Parquet export instead, so they run in parallel.
-- Retries with exponential backoff on tasks that can fail transiently; none on the gates, and a bad input
-  file fails at once. Failures call ``persona_tasks.alerts.on_failure_callback`` (ops_alerts row, webhook).
+- Retries with exponential backoff on tasks that can fail transiently; none on the gates (Great Expectations
+  suites, persona_tasks/gates: every check recorded in ``quality_check_results``), and a bad input file fails at
+  once. Failures call ``persona_tasks.alerts.on_failure_callback`` (ops_alerts row, webhook).
 - The published persona tables and the serving copy are Assets downstream DAGs can be scheduled on.
 """
 
@@ -62,6 +63,13 @@ def _call(fn_name: str, context, *args, **kwargs):
         raise AirflowFailException(str(exc)) from exc
 
 
+def _gate(fn_name: str, context, *args):
+    """A gate task: the gate's Great Expectations suite (persona_tasks.gates), told which run and try it checks."""
+    from persona_tasks.gates import RunInfo
+
+    return _call(fn_name, context, *args, run=RunInfo.from_airflow(context))
+
+
 @dag(
     dag_id=DAG_ID,
     schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
@@ -81,7 +89,7 @@ def persona_daily():
 
     @task(**WRITER, **GATE)
     def gate_raw(ingested: dict, **context):
-        return _call("gate_raw", context, ingested)
+        return _gate("gate_raw", context, ingested)
 
     @task(**WRITER)
     def build(checked: dict, **context):
@@ -89,7 +97,7 @@ def persona_daily():
 
     @task(**WRITER, **GATE)
     def gate_memories(built: dict, **context):
-        return _call("gate_memories", context, built)
+        return _gate("gate_memories", context, built)
 
     @task(**WRITER, queue=_cfg.embed_queue)
     def embed(checked: dict, **context):
@@ -113,7 +121,7 @@ def persona_daily():
 
     @task(**WRITER, **GATE)
     def gate_personas(scored: dict, **context):
-        return _call("gate_personas", context)
+        return _gate("gate_personas", context)
 
     @task(**WRITER, outlets=[PERSONA_TABLES])
     def publish(checked: dict, **context):

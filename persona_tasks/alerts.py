@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS ops_alerts (
     failing_check  VARCHAR,              -- gate check name, dbt_build, ... (NULL when not a check)
     log_url        VARCHAR,
     runbook        VARCHAR,              -- what to do for failing_check (persona_tasks/runbook.py, docs/oncall.md)
+    docs_url       VARCHAR,              -- Data Docs page of the failing gate validation (persona_tasks.gates)
     webhook_status VARCHAR,              -- not_configured | HTTP status | error class
     alerted_at     TIMESTAMP NOT NULL    -- UTC
 );
@@ -62,12 +63,17 @@ class Alert:
     runbook: str | None = None
     webhook_status: str | None = None
     alerted_at: datetime | None = None
+    docs_url: str | None = None
 
     def text(self) -> str:
         task = self.task_id + (f"[{self.map_index}]" if self.map_index is not None else "")
-        check = f" (check {self.failing_check})" if self.failing_check else ""
-        return (f":red_circle: {self.dag_id}.{task} failed for run date {self.run_date} on try {self.try_number}"
+        several = self.failing_check and "," in self.failing_check
+        check = f" (check{'s' if several else ''} {self.failing_check})" if self.failing_check else ""
+        head = (f":warning: {self.dag_id}.{task} passed with failed warning checks" if self.error_type == "GateWarning"
+                else f":red_circle: {self.dag_id}.{task} failed")
+        return (f"{head} for run date {self.run_date} on try {self.try_number}"
                 f"{check}: {self.error_summary}" + (f"\nWhat to do: {self.runbook}" if self.runbook else "")
+                + (f"\nData Docs: {self.docs_url}" if self.docs_url else "")
                 + (f"\nLog: {self.log_url}" if self.log_url else ""))
 
     def payload(self) -> dict:
@@ -99,6 +105,13 @@ def failing_check(exc: BaseException | str | None) -> str | None:
         if isinstance(e, InputFileError):
             return "input_file"
     return None
+
+
+def docs_url(exc: BaseException | str | None) -> str | None:
+    """The Data Docs page a gate failure carries (``GateError.docs_url``)."""
+    if not isinstance(exc, BaseException):
+        return None
+    return next((e.docs_url for e in _chain(exc) if isinstance(getattr(e, "docs_url", None), str)), None)
 
 
 def error_summary(exc: BaseException | str | None, max_chars: int = 500) -> tuple[str | None, str | None]:
@@ -139,6 +152,7 @@ def alert_from_context(settings: Settings, context: Any) -> Alert:
         failing_check=check,
         log_url=getattr(ti, "log_url", None),
         runbook=runbook_for(check),
+        docs_url=docs_url(exc),
     )
 
 
@@ -166,7 +180,8 @@ def record_alert(settings: Settings, alert: Alert) -> str:
         con = connect(settings)
         try:
             con.execute(ALERTS_DDL)
-            con.execute("ALTER TABLE ops_alerts ADD COLUMN IF NOT EXISTS runbook VARCHAR")  # tables from before it
+            for col in ("runbook", "docs_url"):  # tables from before these columns
+                con.execute(f"ALTER TABLE ops_alerts ADD COLUMN IF NOT EXISTS {col} VARCHAR")
             con.execute("INSERT INTO ops_alerts BY NAME SELECT * FROM (SELECT " + ", ".join(
                 f"${k} AS {k}" for k in row) + ")", row)
         finally:

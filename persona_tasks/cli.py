@@ -94,6 +94,44 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gate_override(args: argparse.Namespace) -> int:
+    from persona_tasks.gates.overrides import record_override
+
+    ov = record_override(load_settings(), args.run_date, args.check, args.reason, by=args.by)
+    print(f"override recorded: check {ov.check_name} of {ov.gate} is a warning for run date {ov.run_date} only "
+          f"(by {ov.overridden_by} at {ov.created_at:%Y-%m-%d %H:%M} UTC). Rerun the gate: airflow tasks clear "
+          f"persona_daily -s {ov.run_date} -e {ov.run_date} -t {ov.gate}")
+    return 0
+
+
+def _cmd_gate_docs(args: argparse.Namespace) -> int:
+    from persona_tasks.gates import site
+
+    settings = load_settings()
+    if args.rebuild:
+        print(f"Data Docs rebuilt: {site.rebuild(settings)}")
+    site.serve(settings, port=args.port)
+    return 0
+
+
+def _cmd_gate_failed(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from persona_tasks.gates.results import failed_last_night, failing_since
+    from persona_tasks.warehouse import connect_read_only
+
+    with connect_read_only(load_settings()) as con:
+        if args.check:
+            since, n, last = failing_since(con, args.check)
+            print(f"{args.check}: passing on its latest day" if since is None else
+                  f"{args.check}: failing since {since} ({n} day(s), latest {last})")
+            return 0
+        df = failed_last_night(con)
+    with pl.Config(tbl_rows=100, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
+        print(df.drop("docs_page", strict=False) if df.height else "nothing failed on the latest run date")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="persona-etl",
@@ -158,6 +196,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-docs", nargs="?", const=str(Path(__file__).resolve().parent.parent / "docs" / "results.md"),
                    default=None, metavar="PATH", help="also render the tables to PATH (default docs/results.md)")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("gate", help="data-quality gates: overrides, Data Docs, failed checks (docs/oncall.md)",
+                       description="The gates of the daily run (Great Expectations suites; docs/oncall.md).")
+    gsub = p.add_subparsers(dest="gate_command", required=True, metavar="GATE_COMMAND")
+    g = gsub.add_parser("override", help="let one failed blocking check of one run date pass as a warning (audited)",
+                        description="Record an audited override in the warehouse (quality_overrides): the next "
+                        "run of that day's gate treats CHECK as a warning for RUN_DATE only. Refused for a day no "
+                        "gate ran for, or a check that passed.")
+    g.add_argument("--run-date", required=True, help="the data day, YYYY-MM-DD")
+    g.add_argument("--check", required=True, help="the check name (docs/oncall.md)")
+    g.add_argument("--reason", required=True, help="why the data is right anyway (stored for the audit)")
+    g.add_argument("--by", default=None, help="who decides (default: $PERSONA_ETL_USER or the login name)")
+    g.set_defaults(func=_cmd_gate_override)
+    g = gsub.add_parser("docs", help="serve the gates' Data Docs on 127.0.0.1 (Ctrl-C stops)",
+                        description="Serve the Data Docs site of the gates ([gates] docs_dir) on 127.0.0.1.")
+    g.add_argument("--port", type=int, default=None, help="port (default [gates] docs_port, 8765)")
+    g.add_argument("--rebuild", action="store_true", help="rebuild the site from the stored results first")
+    g.set_defaults(func=_cmd_gate_docs)
+    g = gsub.add_parser("failed", help="what failed on the latest run date, or since when CHECK fails",
+                        description="Print the checks that failed on the latest run date (latest try of each), or "
+                        "with --check since when that check has failed (quality_check_results).")
+    g.add_argument("--check", default=None, help="since when has this check failed")
+    g.set_defaults(func=_cmd_gate_failed)
 
     p = sub.add_parser("sql", help="run a read-only SQL query on the warehouse and print the result",
                        description="Run one read-only SQL query against the warehouse and print the result.")

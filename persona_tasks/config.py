@@ -385,6 +385,57 @@ class OrchestrationSettings(BaseModel):
         return v
 
 
+class GatesSettings(BaseModel):
+    """The data-quality gates (``persona_tasks.gates``: Great Expectations suites; docs/oncall.md). The floors that
+    existed before the suites (max_rejected_share, min_personas, min_scored_share, min_coverage, quality_floors) stay
+    in ``[orchestration]``; the checks added with the suites are tuned here."""
+
+    # per-check severity overrides: {"volume": "warn"}; "block" fails the gate (nothing is published), "warn"
+    # publishes and alerts. Unknown check names are an error (a typo would silently keep the default)
+    severity: dict[str, Literal["block", "warn"]] = Field(default_factory=dict)
+    # raw gate: a landing day's events may be this many hours older than the day (late arrivals); never newer
+    lateness_hours: float = Field(default=24.0, ge=0)
+    # raw gate: events of the day's files that were already in raw.events, as a share of the accepted events
+    max_duplicate_share: float = Field(default=0.05, ge=0, le=1)
+    # raw gate volume: the day's events over the median of the trailing published days' (at most
+    # volume_history_days of them, each counted by event day) must lie in [volume_min_ratio, volume_max_ratio];
+    # a day with fewer than volume_min_history_days published days before it is exempt
+    volume_history_days: int = Field(default=7, ge=1)
+    volume_min_history_days: int = Field(default=1, ge=1)
+    volume_min_ratio: float = Field(default=0.5, ge=0)
+    volume_max_ratio: float = Field(default=3.0, ge=0)
+    # memory gate: memories of one user on one day (a higher count is a bot or a sessionisation bug)
+    max_memories_per_user: int = Field(default=500, ge=1)
+    # memory gate: memory_text length in characters (upper bound: the setting memory_text_max_chars)
+    min_memory_text_chars: int = Field(default=1, ge=0)
+    # persona gate: a persona under this truthfulness is suspect; at most max_low_truthfulness_share of them
+    truthfulness_floor: float = Field(default=0.3, ge=0, le=1)
+    max_low_truthfulness_share: float = Field(default=0.25, ge=0, le=1)
+    # persona gate: share of the LLM-labelled clusters that fell back to the extractive labeller (runs with LLM)
+    max_llm_fallback_share: float = Field(default=0.5, ge=0, le=1)
+    # persona gate drift against the last published run: personas per user may change by at most this factor
+    # either way (a staged run covers every user's memories up to its day, so early days grow fast: 1.25 -> 2.1
+    # personas per user from day 1 to day 2 of the synthetic test data), and the Jensen-Shannon distance (base 2,
+    # in [0, 1]) of the topic mix (staged personas assigned to that run's topics)
+    max_personas_per_user_factor: float = Field(default=2.0, ge=1)
+    max_topic_js_distance: float = Field(default=0.5, ge=0, le=1)
+    # Great Expectations project (suites, validation results) and its Data Docs site; None = under
+    # <warehouse folder>/quality/
+    gx_dir: Path | None = None
+    docs_dir: Path | None = None
+    # validation results kept (and so pages in the Data Docs site) per suite: bounds the site's build time
+    docs_keep_runs: int = Field(default=30, ge=1)
+    # where on-call opens the site (alerts link to <docs_base_url>/<page>); None = file:// links.
+    # `persona-etl gate docs` serves it on 127.0.0.1:docs_port
+    docs_base_url: str | None = None
+    docs_port: int = 8765
+
+    @field_validator("gx_dir", "docs_dir", mode="after")
+    @classmethod
+    def _under_project(cls, v: Path | None) -> Path | None:
+        return v if v is None or v.is_absolute() else PROJECT_DIR / v
+
+
 class ServingSettings(BaseModel):
     """The read-only serving copy analysts query (persona_tasks.serving; docs/analysts.md)."""
 
@@ -440,6 +491,7 @@ class Settings(BaseSettings):
     orchestration: OrchestrationSettings = Field(default_factory=OrchestrationSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
+    gates: GatesSettings = Field(default_factory=GatesSettings)
 
     @field_validator("warehouse", "models_dir", mode="after")
     @classmethod

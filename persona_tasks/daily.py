@@ -9,24 +9,26 @@ interval):
 1. ``ingest_landing``: every file of ``<landing_dir>/<run_date>/`` (format ``[orchestration] landing_format``)
    into ``raw.events``; an fsspec URL as ``landing_dir`` is copied to the work folder first. Re-ingesting a file
    adds nothing (same content = same batch).
-2. ``gate_raw``: reconciliation of the day's ingest batches (``rows_read = rows_accepted + rows_rejected`` in the
-   ledger, the quarantine and ``raw.events`` agree with it) and ``rejected / read <= max_rejected_share``.
+2. ``gate_raw``: the raw gate's Great Expectations suite (persona_tasks/gates/raw.py): reconciliation of the day's
+   ingest batches with the ledger, rejected and duplicate shares, volume against the trailing published days, the
+   events' required fields, types and times, the raw schema.
 3. ``build``: ``dbt build`` (models and their tests; a failing test raises).
-4. ``gate_memories``: the build ran tests and none failed; every valid action of the day is in exactly one
-   intent memory of the day (``sum(n_actions) = count(stg_events)``); the day has memories.
+4. ``gate_memories``: the memory gate's suite (persona_tasks/gates/memories.py): the build ran tests and none
+   failed; every valid action of the day is in exactly one intent memory of the day; texts and counts in bounds.
 5. ``embed``: embeds the memories that started before the end of the day (incremental) and exports the
    clustering input to ``<work_dir>/<run_date>/cluster_input.parquet``, so the shard tasks need no warehouse.
 6. ``cluster_shard`` (mapped over ``n_shards``): clusters one user shard from that file into Parquet files.
 7. ``store_clusters``: writes every shard's clusters (``persona_tasks.cluster.write_clusters``, shard-wise
    replace, as ``induce.cluster_step`` does).
 8. ``label``: ``induce.label_step`` (labels every cluster, stages the run); ``score``: ``quality.score_run``.
-9. ``gate_personas``: floors of ``[orchestration]`` on the staged run (personas, scored share, coverage, mean
-   quality scores).
+9. ``gate_personas``: the persona gate's suite (persona_tasks/gates/personas.py): floors of ``[orchestration]`` on
+   the staged run, no PII, scores in range, unique labels, LLM fallbacks, drift against the last published run.
 10. ``publish``: ``publish.publish_run`` (one transaction); ``serve``: the analysts' serving copy
     (``persona_tasks.serving``).
 
-A failed gate raises :class:`GateError` (``check`` names the failing check); nothing is published, so the last
-published personas and the serving copy stay as they were. Everything is idempotent: rerunning a task or a day
+A gate evaluates every check of its suite, records each in ``quality_check_results`` with a Data Docs page, and
+raises :class:`GateError` (``check`` names every failing blocking check) when one blocks; nothing is published, so
+the last published personas and the serving copy stay as they were. Everything is idempotent: rerunning a task or a day
 gives the same rows (timestamps of processing aside).
 """
 
@@ -39,18 +41,10 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from persona_tasks.config import Settings
-from persona_tasks.errors import PersonaEtlError
+from persona_tasks.errors import GateError, PersonaEtlError  # noqa: F401 - GateError: the DAG catches daily.GateError
 from persona_tasks.days import as_date, day_end  # noqa: F401 - re-exported: the DAG and older callers use daily.*
 
 log = logging.getLogger(__name__)
-
-
-class GateError(PersonaEtlError):
-    """A data-quality gate failed; ``check`` names the check (stored in ops_alerts.failing_check)."""
-
-    def __init__(self, check: str, message: str):
-        self.check = check
-        super().__init__(f"gate check {check} failed: {message}")
 
 
 def work_dir(settings: Settings) -> Path:
@@ -128,49 +122,11 @@ def ingest_landing(settings: Settings, run_date: date | str) -> dict:
 
 # --- 2. raw gate -----------------------------------------------------------------------------------------------
 
-def gate_raw(settings: Settings, run_date: date | str, ingested: dict) -> dict:
-    """Reconcile the day's batches and bound the rejected share (raises GateError)."""
-    from persona_tasks.warehouse import connect_read_only, query_pl
+def gate_raw(settings: Settings, run_date: date | str, ingested: dict, run=None) -> dict:
+    """The raw gate's suite (persona_tasks/gates/raw.py); raises GateError naming every failing blocking check."""
+    from persona_tasks.gates import gate_raw as run_gate
 
-    day = as_date(run_date)
-    cfg = settings.orchestration
-    batch_ids = list(ingested.get("batch_ids") or [])
-    if not batch_ids:
-        if cfg.allow_empty_day:
-            return {"run_date": day.isoformat(), "batches": 0, "rows_read": 0, "rejected_share": 0.0}
-        raise GateError("landing_files", f"no landing files for {day} in {landing_location(settings)}")
-    with connect_read_only(settings) as con:
-        ledger = query_pl(con, """
-            SELECT b.batch_id, b.rows_read, b.rows_accepted, b.rows_rejected, b.events_new, b.events_duplicate,
-                   (SELECT count(*) FROM raw.events_rejected r WHERE r.batch_id = b.batch_id) AS quarantined,
-                   (SELECT count(*) FROM raw.events e WHERE e.batch_id = b.batch_id) AS events_stored
-            FROM raw.ingest_batches b WHERE list_contains($ids, b.batch_id) ORDER BY b.batch_id
-            """, {"ids": batch_ids})
-    missing = sorted(set(batch_ids) - set(ledger["batch_id"].to_list()))
-    if missing:
-        raise GateError("ledger_complete", f"{len(missing)} ingested batch(es) have no ledger row")
-    bad = ledger.filter(ledger["rows_read"] != ledger["rows_accepted"] + ledger["rows_rejected"])
-    if bad.height:
-        raise GateError("reconciliation", f"{bad.height} batch(es) with rows_read != accepted + rejected")
-    bad = ledger.filter(ledger["quarantined"] != ledger["rows_rejected"])
-    if bad.height:
-        raise GateError("quarantine_count", f"{bad.height} batch(es) whose raw.events_rejected rows differ from "
-                        "the ledger's rows_rejected")
-    bad = ledger.filter(ledger["events_stored"] != ledger["events_new"])
-    if bad.height:
-        raise GateError("events_count", f"{bad.height} batch(es) whose raw.events rows differ from events_new")
-    read, rejected = int(ledger["rows_read"].sum()), int(ledger["rows_rejected"].sum())
-    share = rejected / read if read else 0.0
-    result = {"run_date": day.isoformat(), "batches": ledger.height, "rows_read": read,
-              "rows_accepted": int(ledger["rows_accepted"].sum()), "rows_rejected": rejected,
-              "rejected_share": round(share, 6)}
-    if read == 0 and not cfg.allow_empty_day:
-        raise GateError("rows_read", f"the landing files of {day} hold no rows")
-    if share > cfg.max_rejected_share:
-        raise GateError("rejected_share", f"{rejected} of {read} rows rejected ({share:.1%} > "
-                        f"{cfg.max_rejected_share:.1%}); reasons in raw.events_rejected")
-    log.info("gate_raw: %s", result)
-    return result
+    return run_gate(settings, run_date, ingested, run)
 
 
 # --- 3. dbt build ----------------------------------------------------------------------------------------------
@@ -188,37 +144,11 @@ def build(settings: Settings, run_date: date | str) -> dict:
 
 # --- 4. memory gate --------------------------------------------------------------------------------------------
 
-def gate_memories(settings: Settings, run_date: date | str, built: dict) -> dict:
-    """The dbt tests ran and passed; the day's actions reconcile with its memories (raises GateError)."""
-    from persona_tasks.warehouse import connect_read_only, query_row
+def gate_memories(settings: Settings, run_date: date | str, built: dict, run=None) -> dict:
+    """The memory gate's suite (persona_tasks/gates/memories.py); raises GateError."""
+    from persona_tasks.gates import gate_memories as run_gate
 
-    day = as_date(run_date)
-    if built.get("failures"):
-        raise GateError("dbt_tests", f"dbt nodes failed: {', '.join(built['failures'])}")
-    if not built.get("tests"):
-        raise GateError("dbt_tests", "the dbt build ran no tests")
-    with connect_read_only(settings) as con:
-        n_mem, n_actions, n_users = query_row(
-            con, "SELECT count(*), coalesce(sum(n_actions), 0), count(DISTINCT user_id) FROM marts.intent_memories "
-                 "WHERE event_date = $d", {"d": day})
-        n_events = query_row(con, "SELECT count(*) FROM staging.stg_events WHERE event_date = $d", {"d": day})[0]
-        n_total = query_row(con, "SELECT count(*) FROM marts.intent_memories WHERE started_at < $e",
-                            {"e": day_end(day)})[0]
-        n_empty = query_row(con, "SELECT count(*) FROM marts.intent_memories WHERE event_date = $d AND "
-                                 "(coalesce(trim(memory_text), '') = '' OR coalesce(trim(embedding_text), '') = '')", {"d": day})[0]
-    result = {"run_date": day.isoformat(), "memories": int(n_mem), "users": int(n_users), "actions": int(n_actions),
-              "events": int(n_events), "memories_up_to_day": int(n_total), "dbt_tests": built["tests"]}
-    if int(n_actions) != int(n_events):
-        raise GateError("actions_reconcile", f"{n_events} valid actions on {day} but the day's memories hold "
-                        f"{n_actions}")
-    if n_empty:
-        raise GateError("memory_text", f"{n_empty} memories of {day} have no text")
-    if n_mem == 0 and not settings.orchestration.allow_empty_day:
-        raise GateError("memories_exist", f"no intent memories on {day}")
-    if n_total == 0:
-        raise GateError("memories_exist", f"no intent memories up to {day}")
-    log.info("gate_memories: %s", result)
-    return result
+    return run_gate(settings, run_date, built, run)
 
 
 # --- 5. embed --------------------------------------------------------------------------------------------------
@@ -332,54 +262,17 @@ def score(settings: Settings, run_date: date | str) -> dict:
 # --- 9. persona gate -------------------------------------------------------------------------------------------
 
 def pii_leaks(personas) -> list[tuple[str, str]]:
-    """``(persona_id, field)`` of every label or description that ``scrub_pii`` would change (the labellers scrub
-    their output; this is the last check before publishing). The text itself is never returned."""
-    from persona_tasks.labelling.text import scrub_pii
+    """``(persona_id, field)`` of persona texts holding PII (persona_tasks.gates.personas.pii_leaks)."""
+    from persona_tasks.gates.personas import pii_leaks as leaks
 
-    return [(pid, field) for pid, label, desc in personas.select("persona_id", "label", "description").iter_rows()
-            for field, text in (("label", label), ("description", desc)) if text and scrub_pii(text) != text]
+    return leaks(personas)
 
 
-def gate_personas(settings: Settings, run_date: date | str) -> dict:
-    """Floors of ``[orchestration]`` on the staged run, and no PII in persona texts (raises GateError)."""
-    from persona_tasks.warehouse import connect_read_only, query_pl, query_row
+def gate_personas(settings: Settings, run_date: date | str, run=None) -> dict:
+    """The persona gate's suite (persona_tasks/gates/personas.py); raises GateError."""
+    from persona_tasks.gates import gate_personas as run_gate
 
-    day = as_date(run_date)
-    cfg = settings.orchestration
-    with connect_read_only(settings) as con:
-        n, n_scored, coh, ali, tru, obj = query_row(con, """
-            SELECT count(*), count(objective), avg(cohesion), avg(alignment), avg(truthfulness), avg(objective)
-            FROM personas.staged_personas WHERE run_date = $d""", {"d": day})
-        cov = query_row(con, "SELECT max(coverage) FROM personas.induction_runs WHERE run_date = $d", {"d": day})
-        n_empty = query_row(con, "SELECT count(*) FROM personas.staged_personas WHERE run_date = $d AND "
-                                 "(trim(label) = '' OR trim(description) = '' OR n_evidence < 1)", {"d": day})[0]
-        texts = query_pl(con, "SELECT persona_id, label, description FROM personas.staged_personas "
-                              "WHERE run_date = $d ORDER BY persona_id", {"d": day})
-    means = {"cohesion": coh, "alignment": ali, "truthfulness": tru, "objective": obj}
-    coverage = cov[0] if cov else None
-    result = {"run_date": day.isoformat(), "personas": int(n), "scored": int(n_scored),
-              "coverage": None if coverage is None else round(float(coverage), 6),
-              "means": {k: None if v is None else round(float(v), 6) for k, v in means.items()}}
-    if n < cfg.min_personas:
-        raise GateError("min_personas", f"{n} personas staged for {day} (< {cfg.min_personas})")
-    if n_empty:
-        raise GateError("persona_shape", f"{n_empty} staged personas with an empty label/description or no evidence")
-    leaks = pii_leaks(texts)
-    if leaks:
-        first_id, first_field = leaks[0]
-        raise GateError("pii", f"{len(leaks)} staged persona text(s) hold an e-mail address, phone number, long digit "
-                               f"run or URL query (first: persona_id {first_id}, field {first_field}); the labellers "
-                               "scrub these, so a labeller or its validation is broken: fix it and relabel the day")
-    if n_scored / n < cfg.min_scored_share:
-        raise GateError("scored_share", f"{n_scored} of {n} personas scored (< {cfg.min_scored_share:.0%})")
-    if coverage is None or coverage < cfg.min_coverage:
-        raise GateError("coverage", f"coverage {coverage} below {cfg.min_coverage}")
-    for k, floor in cfg.quality_floors.items():
-        v = means.get(k)
-        if v is None or v < floor:
-            raise GateError(f"quality_{k}", f"mean {k} {v if v is None else round(float(v), 4)} below floor {floor}")
-    log.info("gate_personas: %s", result)
-    return result
+    return run_gate(settings, run_date, run)
 
 
 # --- 10. publish and serve -------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ def main_dag() -> None:
     print(f"\nwarehouse (the DAG's writer): {settings.warehouse}")
     print(f"serving copy for analysts (read-only, swapped atomically after each run): {serving}")
     show_personas(serving)
+    show_gates(settings)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s. Tables: docs/analysts.md and docs/tables.md; "
           f"query: duckdb -readonly {serving}  or  persona-etl sql \"...\" (the warehouse)")
 
@@ -213,3 +214,22 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def show_gates(settings) -> None:
+    """Per run date, the gates' checks (Great Expectations suites) and where their Data Docs are."""
+    from persona_tasks.gates.site import docs_dir
+    from persona_tasks.warehouse import connect_read_only
+
+    with connect_read_only(settings) as con:
+        rows = con.execute(
+            "SELECT run_date, count(*), count(*) FILTER (WHERE NOT success AND severity = 'block'), "
+            "count(*) FILTER (WHERE NOT success AND severity = 'warn'), string_agg(DISTINCT check_name, ', ') "
+            "FILTER (WHERE NOT success) FROM (SELECT * FROM quality_check_results QUALIFY row_number() OVER "
+            "(PARTITION BY run_date, gate, check_name ORDER BY checked_at DESC) = 1) GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    print("\nquality gates (table quality_check_results; docs/oncall.md):")
+    for day, n, blocking, warned, names in rows:
+        print(f"  {day}: {n} checks, {blocking} blocking and {warned} warning failures"
+              + (f" ({names})" if names else ""))
+    print(f"  Data Docs: {docs_dir(settings) / 'index.html'}  (serve: make quality-docs)")

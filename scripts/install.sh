@@ -9,31 +9,39 @@ VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3.11}"
 STAMP="$VENV/.persona-etl-installed"
 # Optional system packages for the slow service tests (tests/test_dag_postgres.py, tests/test_dag_celery_run.py):
-# redis-server (Celery broker) and PostgreSQL (metadata DB). Installed only as root with apt-get; never fails the
-# install (elsewhere those tests skip). Not part of the venv stamp: checked on every run (cheap when present).
+# redis-server (Celery broker) and PostgreSQL (metadata DB); and Debian's Chromium with its ChromeDriver for the
+# headless-browser test of the gates' Data Docs (tests/test_quality_docs_browser.py; no browser is ever downloaded
+# at run time). Installed only as root with apt-get; never fails the install (elsewhere those tests skip). Not part
+# of the venv stamp: checked on every run (cheap when present).
 # PERSONA_ETL_SYSTEM_PACKAGES=0 turns the step off.
 system_packages() {
   local missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1; } \
     || missing+=(postgresql)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "${PERSONA_ETL_SYSTEM_PACKAGES:-1}" != 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "install: apt-get install ${missing[*]} (for the Redis/PostgreSQL service tests)"
+    echo "install: apt-get install ${missing[*]} (for the Redis/PostgreSQL service tests and the browser test)"
     export DEBIAN_FRONTEND=noninteractive
     local apt=(apt-get); command -v timeout >/dev/null 2>&1 && apt=(timeout 600 apt-get)  # no network: give up
     # package lists may be absent (slim images): update once and retry
-    if "${apt[@]}" install -y -qq --no-install-recommends redis-server postgresql >/dev/null 2>&1 \
+    if "${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
       || { "${apt[@]}" update -qq >/dev/null 2>&1 \
-           && "${apt[@]}" install -y -qq --no-install-recommends redis-server postgresql >/dev/null 2>&1; }; then
+           && "${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1; }; then
       return 0
     fi
-    echo "install: apt-get install failed; tests/test_dag_celery_run.py (redis-server, postgresql)" \
-         "and tests/test_dag_postgres.py (postgresql) will be skipped"
+    echo "install: apt-get install failed; tests/test_dag_celery_run.py (redis-server, postgresql)," \
+         "tests/test_dag_postgres.py (postgresql) and tests/test_quality_docs_browser.py (chromium) will be skipped"
     return 0
   fi
-  local skipped="tests/test_dag_celery_run.py"
-  [[ " ${missing[*]} " == *" postgresql "* ]] && skipped="$skipped and tests/test_dag_postgres.py"
+  local skipped=""
+  [[ " ${missing[*]} " == *" redis-server "* || " ${missing[*]} " == *" postgresql "* ]] \
+    && skipped="tests/test_dag_celery_run.py "
+  [[ " ${missing[*]} " == *" postgresql "* ]] && skipped="${skipped}tests/test_dag_postgres.py "
+  [[ " ${missing[*]} " == *" chromium"* ]] && skipped="${skipped}tests/test_quality_docs_browser.py "
+  skipped="${skipped% }"
   echo "install: no ${missing[*]} (needs root and apt-get to install); $skipped will be skipped"
 }
 system_packages || true

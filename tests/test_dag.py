@@ -252,6 +252,20 @@ def test_dags_test_end_to_end(af):
     finally:
         con.close()
     assert n_personas > 100 and n_users > 100 and n_scored == n_personas
+    # the three gates ran their Great Expectations suites inside the Airflow tasks: every check recorded with the
+    # Airflow run id and try, each with its Data Docs page
+    con = duckdb.connect(str(af["warehouse"]), read_only=True)
+    try:
+        gates = con.execute("SELECT gate, count(*), count(*) FILTER (WHERE NOT success AND severity = 'block'), "
+                            "min(dag_run_id), max(try_number), min(docs_page) FROM quality_check_results "
+                            "WHERE run_date = ? GROUP BY 1 ORDER BY 1", [DAY1]).fetchall()
+    finally:
+        con.close()
+    assert [g[0] for g in gates] == ["gate_memories", "gate_personas", "gate_raw"]
+    assert all(n >= 6 and blocking == 0 and not run_id.startswith("local__") and tries == 1
+               for _, n, blocking, run_id, tries, _ in gates), gates
+    page = Path(gates[0][5].removeprefix("file://"))
+    assert page.is_file() and "gate_memories" in page.read_text()
     # the serving copy: a separate file analysts open read-only
     srv = duckdb.connect(str(af["serving"]), read_only=True)
     try:
@@ -314,6 +328,15 @@ def test_bad_landing_file_fails_the_gate_and_publishes_nothing(af, webhook):
     assert "rejected" in row["error_summary"] and "not-a-time" not in row["error_summary"]
     assert row["log_url"] and "gate_raw" in row["log_url"]
     assert row["webhook_status"] == "200"
+    # the alert links the failing validation's Data Docs page; the results table holds the observed share
+    assert row["docs_url"] and Path(row["docs_url"].removeprefix("file://")).is_file()
+    con = duckdb.connect(str(af["warehouse"]), read_only=True)
+    try:
+        observed, page = con.execute("SELECT observed_value, docs_page FROM quality_check_results WHERE run_date = ? "
+                                     "AND check_name = 'rejected_share'", [BAD_DAY]).fetchall()[0]
+    finally:
+        con.close()
+    assert float(observed) > 0.05 and page == row["docs_url"]
     posted = webhook[1][n_hooks:]
     assert len(posted) == 1 and "gate_raw" in posted[0]["text"] and posted[0]["alert"]["failing_check"] == \
         "rejected_share"

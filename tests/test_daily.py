@@ -23,7 +23,7 @@ def day_run(tmp_path_factory):
     settings = load_settings(
         warehouse=tmp / "wh" / "warehouse.duckdb", threads=2, models_dir=tmp_path_factory.mktemp("models"),
         embedding={"backend": "static"}, ingest={"events": {"attributes": ["category", "brand", "price"]}},
-        dbt={"target_path": tmp / "dbt_target"},
+        dbt={"target_path": tmp / "dbt_target"}, gates={"lateness_hours": 48},  # the file holds 3 days
         orchestration={"landing_dir": str(tmp / "landing"), "landing_format": "events", "landing_source": "synth",
                        "n_shards": 2})
     return settings, daily.run_day(settings, DAY)
