@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS training.model_registry (
     promoted_by     VARCHAR               -- user or DAG that promoted it
 );
 CREATE TABLE IF NOT EXISTS training.model_audit (
-    at              TIMESTAMP NOT NULL,   -- UTC
+    acted_at        TIMESTAMP NOT NULL,   -- UTC
     action          VARCHAR   NOT NULL,   -- register | gate_pass | gate_refuse | promote | rollback
     version         VARCHAR,              -- the version acted on (NULL = the base model)
     previous        VARCHAR,              -- the promoted version before the action (NULL = the base model)
@@ -224,11 +224,14 @@ def register(settings: Settings, con: Any, *, version: str, arm: str, base_model
              window: tuple[Any, Any] | None = None, actor: str | None = None) -> dict:
     """Copy the adapter under ``models_dir/adapters/<version>`` (if elsewhere) and add a ``candidate`` row."""
     ensure_registry(con)
+    existing = _rows(con, "SELECT * FROM training.model_registry WHERE version = $v", {"v": version})
+    if existing:  # a retried task: registered already
+        return existing[0]
     target = adapters_dir(settings) / version
     adapter_dir = Path(adapter_dir)
     if adapter_dir.resolve() != target.resolve():
-        if target.exists():
-            raise RegistryError(f"{target}: version {version} already has files")
+        if target.exists():  # files of an interrupted earlier attempt
+            shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(adapter_dir, target)
     row = {"version": version, "arm": arm, "base_model": base_model, "labeller_version": labeller_version,
@@ -299,7 +302,7 @@ def rollback(settings: Settings, con: Any, actor: str | None = None, reason: str
     if current is None:
         raise RegistryError("nothing to roll back: the daily labelling already uses the base model")
     history = _rows(con, "SELECT version, previous FROM training.model_audit WHERE action = 'promote' "
-                         "AND version = $v ORDER BY at DESC LIMIT 1", {"v": current["version"]})
+                         "AND version = $v ORDER BY acted_at DESC LIMIT 1", {"v": current["version"]})
     previous = history[0]["previous"] if history else None
     prev_row = None
     if previous is not None:
