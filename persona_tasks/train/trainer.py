@@ -108,7 +108,13 @@ def sequence_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     labels = input_ids.masked_fill(completion_mask == 0, -100)
     out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
                 use_cache=False)
-    return out.log_probs.sum(dim=1)  # (N, L-1), zero where the next token is not a completion token
+    if getattr(out, "log_probs", None) is not None:
+        return out.log_probs.sum(dim=1)  # (N, L-1), zero where the next token is not a completion token
+    # a model without trl's fused head (outside a trainer): the same sum from the logits
+    logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+    target = labels[:, 1:]
+    tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * (target != -100)).sum(dim=1)
 
 
 class GroupDPOTrainer(DPOTrainer):
@@ -179,7 +185,7 @@ class GroupDPOTrainer(DPOTrainer):
             m["rewards/chosen"].append(float(res.rewards[best].mean()))
         if (gmask & ~best).any():
             m["rewards/rejected"].append(float(res.rewards[gmask & ~best].mean()))
-        m["logps/policy"].append(float(policy[gmask].mean()))
+        m["logps/policy"].append(float(policy.detach()[gmask].mean()))
         m["pairs"].append(float(res.n_pairs))
         if return_outputs:
             return res.loss, {"rewards": res.rewards}
