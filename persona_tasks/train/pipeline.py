@@ -33,12 +33,13 @@ def retrain_dir(settings: Settings, as_of: date | str) -> Path:
     return work_dir(settings) / "retrain" / str(as_of)
 
 
-def _latest_run_date(settings: Settings, path: Path | None = None) -> date:
+def _latest_run_date(settings: Settings, not_after: date | None = None) -> date:
     from persona_tasks.warehouse import connect_read_only
 
-    con = connect_read_only(settings, path)
+    con = connect_read_only(settings)
     try:
-        row = con.execute("SELECT max(run_date) FROM personas.personas").fetchall()
+        row = con.execute("SELECT max(run_date) FROM personas.personas WHERE run_date <= $d",
+                          {"d": not_after or date(9999, 12, 31)}).fetchall()
     except Exception as e:  # noqa: BLE001 - no persona tables yet
         raise PersonaEtlError("no published personas: run the daily DAG (or `persona-etl induce`) first") from e
     finally:
@@ -52,11 +53,13 @@ def _latest_run_date(settings: Settings, path: Path | None = None) -> date:
 # Steps
 # ---------------------------------------------------------------------------------------------------------------
 
-def snapshot(settings: Settings, as_of: date | str | None = None) -> dict:
-    """Copy the warehouse to ``<retrain dir>/snapshot.duckdb`` (the model steps read only that copy)."""
+def snapshot(settings: Settings, as_of: date | str | None = None, not_after: date | str | None = None) -> dict:
+    """Copy the warehouse to ``<retrain dir>/snapshot.duckdb`` (the model steps read only that copy). ``as_of``:
+    the last run date of the training window (default: the latest published run date, not after ``not_after``)."""
     import duckdb
 
-    as_of = date.fromisoformat(str(as_of)) if as_of else _latest_run_date(settings)
+    limit = date.fromisoformat(str(not_after)) if not_after else None
+    as_of = date.fromisoformat(str(as_of)) if as_of else _latest_run_date(settings, limit)
     d = retrain_dir(settings, as_of)
     d.mkdir(parents=True, exist_ok=True)
     target = d / "snapshot.duckdb"
