@@ -19,7 +19,7 @@ from persona_tasks.config import PROJECT_DIR, DbtSettings, load_settings
 
 DAGS = PROJECT_DIR / "dags"
 AOL = PROJECT_DIR / "data" / "aol" / "aol_sample.tsv.gz"
-N_USERS = 24
+N_USERS = 16
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def deployment(tmp_path_factory):
     ingest_files(s, "aol", [AOL])
     build(s)
     with connect_read_only(s) as con:
-        counts = query_pl(con, "SELECT user_id FROM marts.intent_memories GROUP BY 1 HAVING count(*) BETWEEN 8 AND 60")
+        counts = query_pl(con, "SELECT user_id FROM marts.intent_memories GROUP BY 1 HAVING count(*) BETWEEN 8 AND 90")
     users = sorted(counts["user_id"].to_list(), key=lambda u: hashlib.md5(u.encode()).hexdigest())[:N_USERS]
     report = induce(s, labeller="extractive", users=users)
     return root, s, report.run_date
