@@ -127,3 +127,27 @@ def test_promote_rollback_and_daily_loading_of_the_promoted_adapter(env):
         _register(s, con, "v3", adapter, "another-base@0", good)
         R.promote(s, con, "v3", actor="dag")
     assert load_causal_lm(s)[2] == base_version
+
+
+def test_models_cli_lists_refuses_promotes_and_rolls_back(env, monkeypatch, capsys):
+    from persona_tasks import cli
+
+    s, adapter, _ = env
+    with connect(s) as con:
+        _register(s, con, "v-bad", adapter, "base@1", {"objective": 0.60, "truthfulness": 0.9, "fallback_rate": 0.0})
+        _register(s, con, "v-good", adapter, "base@1", {"objective": 0.80, "truthfulness": 0.9, "fallback_rate": 0.0})
+    monkeypatch.setenv("PERSONA_ETL_WAREHOUSE", str(s.warehouse))
+    monkeypatch.setenv("PERSONA_ETL_MODELS_DIR", str(s.models_dir))
+    assert cli.main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "v-bad  rejected" in out and "v-good  candidate" in out and "uses: the base model" in out
+    assert cli.main(["models", "promote", "v-bad", "--actor", "eve"]) == 2
+    assert "not promotable" in capsys.readouterr().err
+    assert cli.main(["models", "promote", "v-good", "--actor", "eve"]) == 0
+    assert R.read_pointer(s)["version"] == "v-good"
+    assert cli.main(["models", "rollback", "--actor", "eve", "--reason", "test"]) == 0
+    assert "the base model" in capsys.readouterr().out and R.read_pointer(s) is None
+    with connect(s) as con:
+        rows = con.execute("SELECT action, version, previous, actor FROM training.model_audit "
+                           "WHERE action IN ('promote', 'rollback') ORDER BY acted_at").fetchall()
+    assert rows == [("promote", "v-good", None, "eve"), ("rollback", None, "v-good", "eve")]
