@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 
 import duckdb
 import pytest
@@ -150,3 +151,33 @@ def test_dags_test_retrain_promotes_then_a_failed_run_alerts(deployment):
         con.close()
     assert ("persona_retrain", "snapshot") in [(a[0], a[1]) for a in alerts]
     assert any("no published personas" in (a[2] or "") for a in alerts)
+
+
+def test_training_clusters_exclude_evaluation_futures_and_mask_rare_words(deployment):
+    """No memory from an evaluation future reaches a training or held-out cluster; the model's copy is masked."""
+    from persona_tasks import evaluate as E
+    from persona_tasks.train.groups import is_heldout, load_training_clusters, max_jaccard_distance
+    from persona_tasks.warehouse import connect_read_only
+
+    _, s, run_date = deployment
+    with connect_read_only(s) as con:
+        data = load_training_clusters(s, con, run_date)
+        mem, _ = E.load_dataset(con, "aol", s.evaluation)
+    _, future = E.split_history_future(mem, s.evaluation.future_fraction, s.evaluation.min_memories)
+    futures = set(future["memory_id"].to_list())
+    used = {m for c in data.clusters for m in c.memory_ids}
+    assert used and not (used & futures) and data.n_future_memories_removed > 0
+    assert data.split == ["heldout" if is_heldout(c.user_id, s) else "train" for c in data.clusters]
+    assert {"train", "heldout"} <= set(data.split)
+    assert data.window == (run_date - timedelta(days=s.training.window_days - 1), run_date)
+    # the masked copy differs only by [rare] placeholders, the ids are the same
+    masked_words = sum(t.count("[rare]") for c in data.masked for t in c.memory_texts)
+    assert masked_words > 0
+    assert [c.memory_ids for c in data.masked] == [c.memory_ids for c in data.clusters]
+    # a stable subset: whole users in md5 order, at most the cap
+    sub = data.subset("train", 5)
+    assert len(sub) == 5 and sub == data.subset("train", 5)
+    assert all(data.split[i] == "train" for i in sub)
+    # near-duplicate measure
+    assert max_jaccard_distance(["Boston trip\nEvidence: m1", "boston trip\nEvidence: m1"]) == 0.0
+    assert max_jaccard_distance(["Boston trip", "Boston trip", "Espresso gear"]) == 1.0
