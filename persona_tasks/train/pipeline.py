@@ -142,7 +142,10 @@ def build_groups_step(settings: Settings, as_of: date | str) -> dict:
     embedder = embedder_from_settings(settings)
     data = _clusters(settings, as_of, embedder)
     model, tok, version = load_causal_lm(settings)  # the current labeller: promoted adapter merged, if any
-    lab = settings.labelling.model_copy(update={"temperature": settings.training.temperature})
+    # K sequences per prompt: as many prompts per generate call as keep the sequences at labelling.batch_size
+    k = settings.training.num_candidates
+    lab = settings.labelling.model_copy(update={"temperature": settings.training.temperature,
+                                                "batch_size": max(1, settings.labelling.batch_size // k)})
     gen = LLMLabeller(settings.model_copy(update={"labelling": lab}), model=model, tokenizer=tok,
                       model_version=version)
     build = build_groups(settings, data, gen, embedder)
