@@ -129,6 +129,52 @@ def _cmd_gate_failed(args: argparse.Namespace) -> int:
         df = failed_last_night(con)
     with pl.Config(tbl_rows=100, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
         print(df.drop("docs_page", strict=False) if df.height else "nothing failed on the latest run date")
+def _cmd_train(args: argparse.Namespace) -> int:
+    from persona_tasks.train.pipeline import run_training
+
+    settings = load_settings()
+    report = run_training(settings, as_of=args.as_of, arm=args.arm, auto_promote=not args.no_promote,
+                          actor=args.actor)
+    print(report.summary())
+    print(f"groups: training.preference_groups build {report.groups.get('build_id')}; registry: training.model_registry "
+          f"(`persona-etl models list`)")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from persona_tasks.train import registry as R
+    from persona_tasks.warehouse import connect
+
+    settings = load_settings()
+    with connect(settings) as con:
+        R.ensure_registry(con)
+        if args.action == "list":
+            rows = R.list_versions(con)
+            if not rows:
+                print("no trained versions (the daily labelling uses the base model); `persona-etl train` makes one")
+            for r in rows:
+                import json
+
+                m = json.loads(r["metrics"]) if r["metrics"] else {}
+                h = (m.get("heldout") or {}).get("candidate") or {}
+                cur = (m.get("heldout") or {}).get("current") or {}
+                obj = f"{h['objective']:.3f} (current {cur.get('objective') or float('nan'):.3f})" \
+                    if h.get("objective") is not None else "n/a"
+                print(f"{r['version']}  {r['status']:9s} arm {r['arm']:9s} groups {r['group_count']:4d} "
+                      f"window {r['window_start']}..{r['window_end']} held-out objective {obj} "
+                      f"created {r['created_at']:%Y-%m-%d %H:%M}"
+                      + (f" promoted by {r['promoted_by']}" if r["promoted_by"] else "")
+                      + (f"  reason: {r['reason']}" if r["reason"] else ""))
+            cur = R.promoted_version(con)
+            print(f"daily labelling uses: {cur['version'] if cur else 'the base model'}")
+        elif args.action == "promote":
+            if not args.version:
+                raise R.RegistryError("models promote needs a VERSION (see `persona-etl models list`)")
+            row = R.promote(settings, con, args.version, actor=args.actor, force=args.force, reason=args.reason)
+            print(f"promoted {row['version']}: the daily labelling loads it from {row['adapter_path']}")
+        else:
+            row = R.rollback(settings, con, actor=args.actor, reason=args.reason)
+            print(f"rolled back: the daily labelling uses {row['version'] if row else 'the base model'}")
     return 0
 
 
@@ -219,6 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --check since when that check has failed (quality_check_results).")
     g.add_argument("--check", default=None, help="since when has this check failed")
     g.set_defaults(func=_cmd_gate_failed)
+    p = sub.add_parser("train", help="retrain the LLM labeller on preference groups (docs/training.md)",
+                       description="Build preference groups (K sampled candidates per cluster of the published runs "
+                       "of the training window, validated, scored, ranked; stored in training.preference_groups), "
+                       "train a LoRA adapter ([training] arm: groupwise DPO, pairwise DPO or SFT), measure it and the "
+                       "current labeller on held-out clusters, register it in training.model_registry and promote it "
+                       "when it passes the gate (objective gain, truthfulness, fallback rate).")
+    p.add_argument("--arm", choices=["groupwise", "pairwise", "sft"], default=None,
+                   help="training arm (default [training] arm)")
+    p.add_argument("--as-of", default=None, help="last run date of the window YYYY-MM-DD (default: the latest)")
+    p.add_argument("--no-promote", action="store_true", help="register and gate only; promote by hand")
+    p.add_argument("--actor", default=None, help="who is recorded in the audit trail (default: the login name)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("models", help="trained labeller versions: list | promote VERSION | rollback (audited)",
+                       description="The model registry (training.model_registry): list versions with their gate "
+                       "metrics, promote one (the gate must have passed it, or --force with --reason), or roll back "
+                       "to the version promoted before (or the base model). Every action is recorded in "
+                       "training.model_audit; the daily labelling loads the promoted version.")
+    p.add_argument("action", choices=["list", "promote", "rollback"])
+    p.add_argument("version", nargs="?", default=None, help="the version to promote")
+    p.add_argument("--force", action="store_true", help="promote although the gate refused it (needs --reason)")
+    p.add_argument("--reason", default=None, help="why (recorded in training.model_audit)")
+    p.add_argument("--actor", default=None, help="who is recorded in the audit trail (default: the login name)")
+    p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("sql", help="run a read-only SQL query on the warehouse and print the result",
                        description="Run one read-only SQL query against the warehouse and print the result.")

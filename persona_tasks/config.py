@@ -458,8 +458,81 @@ class AlertsSettings(BaseModel):
     max_summary_chars: int = 500
 
 
+class TrainingSettings(BaseModel):
+    """Preference training of the LLM labeller (``persona_tasks.train``; docs/training.md)."""
+
+    # preference groups (persona_tasks/train/groups.py): clusters of published runs whose run_date lies in the last
+    # window_days days up to the training date (each user's latest run in the window), never evaluation futures
+    window_days: int = Field(default=28, ge=1)
+    # candidates per cluster, sampled from the current labeller at this temperature (top_p from [labelling])
+    num_candidates: int = Field(default=4, ge=2)
+    temperature: float = Field(default=0.9, gt=0)
+    # clusters sampled (stable md5 sample) for training groups and for the held-out gate
+    max_clusters: int = Field(default=200, ge=1)
+    heldout_max_clusters: int = Field(default=60, ge=1)
+    # users whose md5(seed:user_id) falls below this share are held out: never trained on, used by the gate
+    holdout_fraction: float = 0.2
+    seed: int = 0
+    # a group whose candidates barely differ is dropped: the largest word-set (Jaccard) distance between two of its
+    # candidates must be at least this
+    min_candidate_distance: float = 0.15
+    # valid candidates whose objectives differ by at most this are tied (no order between them is trained)
+    tie_tolerance: float = 0.005
+    # clusters whose published persona is flagged in a special category (personas.sensitive_categories) are
+    # not used for training
+    exclude_sensitive: bool = True
+    # the arm `persona-etl train` and the retrain DAG train: groupwise | pairwise | sft
+    arm: Literal["groupwise", "pairwise", "sft"] = "groupwise"
+    # optimisation (LoRA on the attention and MLP projections; the reference is the base model, adapters disabled)
+    beta: float = Field(default=0.1, gt=0)
+    learning_rate: float = 5e-5
+    epochs: float = 1.0
+    # None = epochs decide; a number caps the optimiser steps (short CPU runs, CI)
+    max_steps: int | None = None
+    # groups per optimiser step (each group is K sequences); gradient accumulation multiplies it
+    groups_per_batch: int = Field(default=2, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = 512
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # "auto" = CUDA with bf16 when available, else CPU fp32; or "cpu" / "cuda"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch threads of a training task on CPU (None = the global `threads`)
+    threads: int | None = None
+    logging_steps: int = 1
+    save_steps: int = 50
+    # promotion gate on held-out clusters (registry.py): the candidate's mean objective must beat the current
+    # labeller's by at least this; its mean truthfulness may drop by at most truthfulness_tolerance; its fallback
+    # rate may rise by at most fallback_tolerance
+    min_objective_gain: float = 0.01
+    truthfulness_tolerance: float = 0.0
+    fallback_tolerance: float = 0.0
+    # daily labelling loads the promoted adapter (models_dir/adapters/PROMOTED.json); false = always the base model
+    use_promoted: bool = True
+    # persona_retrain DAG (dags/persona_retrain.py): weekly cron (UTC) and the queue of its model tasks
+    schedule: str = "0 3 * * 0"
+    gpu_queue: str = "gpu"
+    start_date: str = "2006-03-01"
+
+    @field_validator("holdout_fraction")
+    @classmethod
+    def _holdout(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError("must be in (0, 1)")
+        return v
+
+    @field_validator("min_candidate_distance", "tie_tolerance")
+    @classmethod
+    def _unit(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return v
+
+
 # schemas of the warehouse (raw events, dbt layers, persona tables, operations)
-WAREHOUSE_SCHEMAS = frozenset({"raw", "staging", "intermediate", "marts", "personas", "ops", "main"})
+WAREHOUSE_SCHEMAS = frozenset({"raw", "staging", "intermediate", "marts", "personas", "ops", "main", "training"})
 
 
 class Settings(BaseSettings):
@@ -492,6 +565,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = Field(default_factory=ServingSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
     gates: GatesSettings = Field(default_factory=GatesSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
 
     @field_validator("warehouse", "models_dir", mode="after")
     @classmethod

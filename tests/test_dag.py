@@ -165,7 +165,7 @@ def dag(tmp_path_factory):
 def test_dag_imports_fast_and_clean(dag):
     parsed, _ = dag
     assert parsed["errors"] == {}
-    assert parsed["dags"] == ["persona_daily"]
+    assert sorted(parsed["dags"]) == ["persona_daily", "persona_retrain"]
     # the DAG file itself (what the dag processor re-parses) and a cold DagBag in a fresh interpreter
     assert max(parsed["file_seconds"]) < 2.0, parsed
     assert parsed["seconds"] < 10.0, parsed

@@ -176,8 +176,10 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def load_causal_lm(settings: Settings) -> tuple[Any, Any, str]:
-    """Load the labelling model: (model in eval mode on its device, left-padding tokenizer, model_version)."""
+def load_causal_lm(settings: Settings, adapter: bool = True) -> tuple[Any, Any, str]:
+    """Load the labelling model: (model in eval mode on its device, left-padding tokenizer, model_version).
+    With ``adapter`` (and ``[training] use_promoted``) the promoted LoRA adapter of the model registry is merged in
+    and named in model_version (``persona_tasks.train.registry``); ``adapter=False`` gives the base model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     set_threads(settings.threads)
@@ -189,6 +191,10 @@ def load_causal_lm(settings: Settings) -> tuple[Any, Any, str]:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except Exception as e:
         raise LabellingError(f"{path}: cannot be loaded as a causal LM ({type(e).__name__}: {e})") from e
+    if adapter and settings.training.use_promoted:
+        from persona_tasks.train.registry import apply_promoted
+
+        model, version = apply_promoted(settings, model, version)
     model.to(device).eval()
     prepare_tokenizer(tokenizer)
     log.info("loaded %s on %s (%s) in %.2fs", version, device, str(dtype).removeprefix("torch."),

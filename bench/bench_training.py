@@ -1,0 +1,152 @@
+"""Training arms on the same preference groups: training time and peak memory (CPU or GPU), and the held-out
+metrics of each trained adapter (issue 13, section 4; docs/training.md).
+
+Steps (each arm in its own process, so that peak RSS is the arm's own):
+1. ``--build``: preference groups of the warehouse's published runs (``persona_tasks.train.pipeline``: snapshot,
+   K candidates per cluster from the current labeller, validation, quality scores, ranks) and the current
+   labeller's held-out metrics, into ``<retrain dir>``.
+2. per arm (base, pairwise, groupwise, sft): ``train_arm`` on those groups for ``--steps`` optimiser steps, then the
+   adapter on the same held-out clusters (``evaluate_labeller``: fallback rate, objective, truthfulness, alignment).
+
+Usage: python bench/bench_training.py --warehouse W [--build] [--arms base,pairwise,groupwise,sft] [--steps 8]
+       [--threads 1] [--out bench/results/training_arms_cpu.json]
+The warehouse needs published personas (``persona-etl induce``); nothing is promoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def settings_for(args):
+    from persona_tasks.config import load_settings
+
+    s = load_settings(warehouse=args.warehouse, threads=args.threads)
+    s.training = s.training.model_copy(update={
+        "threads": args.threads, "max_steps": args.steps, "max_clusters": args.clusters,
+        "heldout_max_clusters": args.heldout, "num_candidates": args.k, "groups_per_batch": args.groups_per_batch,
+        "holdout_fraction": args.holdout_fraction, "save_steps": 10_000})
+    return s
+
+
+def one_arm(args) -> dict:
+    """Train and evaluate one arm in this process; prints one JSON line."""
+    from persona_tasks.embed import embedder_from_settings
+    from persona_tasks.labelling.llm import LLMLabeller
+    from persona_tasks.labelling.model import load_causal_lm
+    from persona_tasks.train import pipeline as P
+    from persona_tasks.train.groups import read_build
+    from persona_tasks.train.trainer import train_arm
+
+    s = settings_for(args)
+    d = P.retrain_dir(s, args.as_of)
+    build = read_build(d / "groups")
+    groups = build.training_groups()
+    res = train_arm(s, args.one_arm, groups, d / f"bench-{args.one_arm}")
+    train = res.as_dict()
+    logs = [h for h in res.log_history if "loss" in h]
+    out = {"arm": args.one_arm, "groups": len(groups), "rows": res.n_examples, "steps": res.steps,
+           "train_seconds": res.seconds, "seconds_per_step": round(res.seconds / max(res.steps, 1), 2),
+           "peak_rss_mb_after_train": train["peak_rss_mb"], "peak_cuda_mb": train["peak_cuda_mb"],
+           "device": res.device, "first_log": logs[0] if logs else None, "last_log": logs[-1] if logs else None}
+    embedder = embedder_from_settings(s)
+    data = P._clusters(s, build.as_of, embedder)
+    current = json.loads((d / "current.json").read_text())
+    keys = {(c.user_id, int(c.cluster_id)): i for i, c in enumerate(data.clusters)}
+    held = [keys[(u, c)] for u, c in current["keys"] if (u, c) in keys]
+    base, tok, version = load_causal_lm(s, adapter=False)
+    model = base
+    if res.adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, str(res.adapter_dir)).merge_and_unload().eval()
+        version += f"+bench-{args.one_arm}"
+    m = P.evaluate_labeller(s, data, held, LLMLabeller(s, model=model, tokenizer=tok, model_version=version), embedder)
+    out["heldout"] = {k: m[k] for k in ("clusters", "fallback_rate", "objective", "truthfulness", "alignment",
+                                        "cohesion", "seconds")}
+    out["heldout_vs_current"] = P.paired_difference(m["per_cluster_objective"], current["per_cluster_objective"])
+    import resource
+
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print("RESULT " + json.dumps(out, default=str), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--warehouse", type=Path, required=True)
+    ap.add_argument("--as-of", default=None)
+    ap.add_argument("--build", action="store_true", help="build the groups first")
+    ap.add_argument("--arms", default="base,pairwise,groupwise,sft")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--clusters", type=int, default=12)
+    ap.add_argument("--heldout", type=int, default=10)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--groups-per-batch", type=int, default=2)
+    ap.add_argument("--holdout-fraction", type=float, default=0.3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "training_arms_cpu.json")
+    ap.add_argument("--one-arm", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("PERSONA_ETL_THREADS", str(args.threads))
+    if args.one_arm:
+        one_arm(args)
+        return
+    from persona_tasks.train import pipeline as P
+
+    s = settings_for(args)
+    t0 = time.perf_counter()
+    build = None
+    if args.build:
+        snap = P.snapshot(s, args.as_of)
+        args.as_of = snap["as_of"]
+        build = P.build_groups_step(s, args.as_of)
+        build["seconds_total"] = round(time.perf_counter() - t0, 1)
+        print("groups:", json.dumps(build), flush=True)
+    elif args.as_of is None:
+        raise SystemExit("--as-of is needed without --build")
+    current = json.loads((P.retrain_dir(s, args.as_of) / "current.json").read_text())
+    results = {"as_of": args.as_of, "threads": args.threads, "steps": args.steps, "k": args.k,
+               "groups_per_batch": args.groups_per_batch, "build": build,
+               "current": {k: current.get(k) for k in ("clusters", "model_version", "fallback_rate", "objective",
+                                                       "truthfulness", "alignment", "cohesion", "seconds")},
+               "arms": {}}
+    for arm in args.arms.split(","):
+        cmd = [sys.executable, __file__, "--warehouse", str(args.warehouse), "--as-of", args.as_of, "--one-arm", arm,
+               "--steps", str(args.steps), "--clusters", str(args.clusters), "--heldout", str(args.heldout),
+               "--k", str(args.k), "--groups-per-batch", str(args.groups_per_batch),
+               "--holdout-fraction", str(args.holdout_fraction), "--threads", str(args.threads)]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            results["arms"][arm] = {"error": proc.stderr[-2000:]}
+            print(f"{arm}: FAILED\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        r = json.loads(lines[-1][len("RESULT "):])
+        r["process_seconds"] = round(time.perf_counter() - t, 1)
+        results["arms"][arm] = r
+        h = r["heldout"]
+        print(f"{arm:9s} steps {r['steps']:3d} train {r['train_seconds']:7.1f}s ({r['seconds_per_step']:.2f} s/step) "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB | held-out fallback {h['fallback_rate']:.3f} objective "
+              f"{h['objective']:.3f} truthfulness {h['truthfulness']:.3f} alignment {h['alignment']:.3f} "
+              f"diff vs current {r['heldout_vs_current']}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
