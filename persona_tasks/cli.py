@@ -129,6 +129,9 @@ def _cmd_gate_failed(args: argparse.Namespace) -> int:
         df = failed_last_night(con)
     with pl.Config(tbl_rows=100, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
         print(df.drop("docs_page", strict=False) if df.height else "nothing failed on the latest run date")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from persona_tasks.train.pipeline import run_training
 
