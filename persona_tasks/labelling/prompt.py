@@ -31,19 +31,21 @@ EXAMPLE_MEMORIES = (
     "m4: raised garden bed kit"
 )
 # every content word of the example answer is a word of its memories (what constrained decoding enforces)
+# (and is an answer of the `phrases` arm's grammar: a label of one or two of the memories' phrases, sentences
+# opened by a closed verb and continued with the memories' phrases)
 EXAMPLE_ANSWER = (
-    "Label: Tomato seedlings and a raised garden bed\n"
-    "Description: Plans when to plant tomatoes. Looks for tomato seedlings and a raised garden bed kit.\n"
+    "Label: Tomato seedlings and raised garden bed kit\n"
+    "Description: Looks for tomato seedlings and raised garden bed kit. Reads about when to plant tomatoes.\n"
     "Evidence: m1, m3, m4"
 )
 # phrases of the prompt itself: an answer holding one copied the prompt
-PROMPT_PHRASES = ("Tomato seedlings and a raised garden bed", "persona label", "at most 8 words",
+PROMPT_PHRASES = ("Tomato seedlings and raised garden bed", "persona label", "at most 8 words",
                   "one to three sentences", "ids of the memories", "what they are doing")
 # words of the example's topic: in an answer they are copied from the example (unless the memories have them)
 EXAMPLE_TOPIC_WORDS = ("tomato", "tomatoes", "seedling", "seedlings", "garden", "gardener", "gardening",
                        "vegetable", "vegetables", "planting", "raised")
 PREFILL = "Label:"
-PROMPT_VERSION = "p3"
+PROMPT_VERSION = "p4"
 
 
 @dataclass
@@ -81,12 +83,30 @@ def _messages(lines: list[str], key_terms: str | None = None) -> list[dict[str, 
     ]
 
 
+def _bos(tokenizer: Any) -> str:
+    """The BOS token text when the model expects one first (its tokenizer adds it by default: Gemma, Llama),
+    else "". Prompts are tokenised with ``add_special_tokens=False`` (the chat template writes its own special
+    tokens), so the rendered text carries it: without it Gemma 3 answers ``<eos>`` at once."""
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return ""
+    try:
+        ids = tokenizer("x")["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot tokenise plainly: no BOS
+        return ""
+    return bos if ids and ids[0] == bos_id else ""
+
+
 def render(messages: list[dict[str, str]], tokenizer: Any, prefill: str = PREFILL) -> str:
-    """Chat template (or a plain fallback for tokenizers without one) plus the assistant pre-fill."""
+    """Chat template (or a plain fallback for tokenizers without one, e.g. a base model) plus the assistant
+    pre-fill, led by the BOS token where the model needs one."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant: "
+    bos = _bos(tokenizer)
+    if bos and not text.startswith(bos):
+        text = bos + text
     return text + prefill
 
 
@@ -133,9 +153,9 @@ def build_prompt(cluster: ClusterInput, tokenizer: Any, cfg: LabellingSettings,
     text = render(messages, tokenizer)
     grammar = None
     if cfg.decoding != "free":
-        from persona_tasks.labelling.constrained import cluster_vocabulary, persona_grammar
+        from persona_tasks.labelling.constrained import answer_grammar
 
-        grammar = persona_grammar(cluster_vocabulary(shown), len(local_ids), cfg)
+        grammar = answer_grammar(shown, len(local_ids), cfg)
     return PromptSpec(
         user_id=cluster.user_id, cluster_id=cluster.cluster_id, messages=messages, text=text, prefill=PREFILL,
         local_ids=local_ids, shown_texts=shown, n_tokens=count_tokens(text, tokenizer), grammar=grammar,

@@ -80,12 +80,28 @@ def content_words(text: str) -> list[str]:
             and w not in fw]
 
 
+def has_public_content(texts: Iterable[str]) -> bool:
+    """Whether any text holds a content word outside the placeholders ([rare], [email], ...): what a persona of
+    these memories can be grounded in."""
+    return any(content_words(PLACEHOLDER.sub(" ", t or "")) for t in texts)
+
+
 def _stem(w: str) -> str:
+    """A word's grounding key: its first 5 letters after a plural ``s`` is dropped ("tents" = "tent", "cars" =
+    "car"; before, a plural of a word under 5 letters was ungrounded against its singular). "ss" stays."""
+    if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+        w = w[:-1]
     return w[:5]
 
 
+def content_stems(text: str) -> set[str]:
+    """The grounding keys (``_stem``) of the content words of ``text``."""
+    return {_stem(w) for w in content_words(PLACEHOLDER.sub(" ", text or ""))}
+
+
 def grounded_words(text: str, memory_texts: Iterable[str]) -> tuple[list[str], list[str]]:
-    """Split the content words of ``text`` into those found in the memories (5-letter prefix match) and not."""
+    """Split the content words of ``text`` into those found in the memories (``_stem``: 5-letter prefix match,
+    plural ``s`` ignored) and not."""
     vocab = {_stem(w) for t in memory_texts for w in words(t)}
     vocab |= {_stem(p) for t in memory_texts for w in words(t) for p in re.split(r"[\-.&+]", w) if p}
     found, missing = [], []

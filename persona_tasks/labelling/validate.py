@@ -181,7 +181,8 @@ def check_persona(
     to real memory ids; others are dropped (a repair) and no id left is a problem. With
     ``grounding_texts`` (the memories shown) and ``settings.require_grounding``, a persona with no content
     word found in them is a problem for the label, and so is a description with fewer than
-    ``min_description_grounding`` of its content words found; and so, with
+    ``min_description_grounding`` of its content words found, and a description with no content word at all
+    (``description_no_content``); and so, with
     ``settings.reject_demographics``, is an asserted age or gender. ``forbidden_phrases`` (the prompt's
     example label and instruction wording) and ``forbidden_words`` (the example's topic words, unless the
     memories have them) are problems too: the prompt was copied.
@@ -264,6 +265,10 @@ def check_persona(
             out.problems.append("ungrounded_label")
         found, missing = grounded_words(desc, grounding_texts) if desc else ([], [])
         share = len(found) / (len(found) + len(missing)) if found or missing else 1.0
-        if not found and missing or share < settings.min_description_grounding:
+        if desc and _real_words(desc) and not found and not missing:
+            # only function, stop and generic words ("A many of the many, with more."): says nothing a reader can
+            # use (before, it passed: no content word, so nothing ungrounded)
+            out.problems.append("description_no_content")
+        elif not found and missing or share < settings.min_description_grounding:
             out.problems.append("ungrounded_description")
     return out
