@@ -172,7 +172,9 @@ def prepare_day(work: Path, n_events: int, n_users: int, day: str, n_shards: int
         f'[embedding]\nbackend = "{backend}"\n\n'
         '[ingest.events]\nattributes = ["category", "brand", "price"]\n\n'
         f'[orchestration]\nlanding_dir = "{work / "landing"}"\nlanding_format = "events"\n'
-        f'landing_source = "synth"\nn_shards = {n_shards}\n')
+        f'landing_source = "synth"\nn_shards = {n_shards}\n\n'
+        # the backlog spans gen_days days before the run day: late events the raw gate must accept
+        f'[gates]\nlateness_hours = {24 * gen_days}\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_ETL_")}
     env.update(PERSONA_ETL_CONFIG=str(cfg), POLARS_MAX_THREADS="2", OMP_NUM_THREADS="2", MKL_NUM_THREADS="2",
                TOKENIZERS_PARALLELISM="false")

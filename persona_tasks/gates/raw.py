@@ -196,6 +196,9 @@ def events_per_day(con, days: list[date]) -> dict[date, int]:
 
 
 def load(settings: Settings, con, day: date, ingested: dict | None) -> tuple[dict, dict[str, Any]]:
+    import pandas as pd
+    import pyarrow as pa
+
     cfg, g = settings.orchestration, settings.gates
     ids = sorted(set((ingested or {}).get("batch_ids") or []))
     batches = con.sql("""
@@ -206,7 +209,11 @@ def load(settings: Settings, con, day: date, ingested: dict | None) -> tuple[dic
         FROM (SELECT unnest($ids::VARCHAR[]) AS batch_id) i LEFT JOIN raw.ingest_batches b USING (batch_id)
         ORDER BY i.batch_id""", params={"ids": ids}).df()
     events = con.sql("SELECT event_id, user_id, event_ts, event_type, batch_id FROM raw.events "
-                     "WHERE list_contains($ids::VARCHAR[], batch_id)", params={"ids": ids}).df()
+                     "WHERE list_contains($ids::VARCHAR[], batch_id)", params={"ids": ids}).fetch_arrow_table()
+    # Arrow-backed strings (no Python object per value) and nanosecond timestamps: GX's pandas engine compares
+    # datetime64[ns] columns vectorised, any other unit value by value (1M events: 6 s -> well under 1 s)
+    events = events.to_pandas(types_mapper={pa.string(): pd.ArrowDtype(pa.string())}.get)
+    events["event_ts"] = events["event_ts"].astype("datetime64[ns]")
     schema = con.sql("SELECT column_name, data_type, column_name || ' ' || data_type AS column_type "
                      "FROM information_schema.columns WHERE table_schema = 'raw' AND table_name = 'events' "
                      "ORDER BY ordinal_position").df()
@@ -218,7 +225,6 @@ def load(settings: Settings, con, day: date, ingested: dict | None) -> tuple[dic
     history = events_per_day(con, published_days(con, day, g.volume_history_days))
     median = statistics.median(history.values()) if history else None
     exempt = len(history) < g.volume_min_history_days or not median or (cfg.allow_empty_day and not ids)
-    import pandas as pd
 
     day_frame = pd.DataFrame([{
         "batches": len(ids), "rows_read": read, "rows_accepted": accepted, "rows_rejected": rejected,
