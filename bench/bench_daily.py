@@ -350,6 +350,8 @@ def main() -> None:
     res = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
                       f"{platform.python_version()}",
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip(),
            "max_embed_minutes": args.max_embed_minutes, "backend": args.backend, "days": days,
            "airflow": airflow,
            "extrapolated": extrapolate(days[0], days[1] if len(days) > 1 else None) if days else None,

@@ -37,7 +37,7 @@ def series(base: Path, keep: int, runs: int, events: int) -> dict:
     from persona_tasks.synth import generate_events, write_events
 
     landing = base / "landing"
-    write_events(generate_events(events, n_users=200, seed=5, days=1, start=DAY), landing / DAY / "events.parquet")
+    write_events(generate_events(events, n_users=max(1, events // 10), seed=5, days=1, start=DAY), landing / DAY / "events.parquet")
     settings = load_settings(warehouse=base / "wh" / "warehouse.duckdb", threads=2,
                              gates={"docs_keep_runs": keep},
                              orchestration={"landing_dir": str(landing), "landing_format": "events",

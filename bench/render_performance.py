@@ -471,6 +471,40 @@ def steps_total(d) -> float:
     return sum(st.seconds for st in _day(d).steps.values())
 
 
+GATE_STEPS = ("gate_raw", "gate_memories", "gate_personas")
+
+
+def gates_total(d) -> float:
+    """Seconds of the three gate steps of a bench_daily run."""
+    return sum(_day(d).steps[g].seconds for g in GATE_STEPS)
+
+
+def gates_cost_table(before, after) -> str:
+    """Per gate: seconds before (hand-written checks) and after (GX suites) in the same session's runs of the same
+    generated day, and the GX run's own split (frames loaded, suite validated incl. GX import, Data Docs built)."""
+    b, a = _day(before), _day(after)
+    out = ["| gate | hand-written s | GX s | GX: load frames s | GX: validate s (with GX import) | GX: Data Docs s "
+           "| checks |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for g in GATE_STEPS:
+        t = a.outputs[g].timings_s
+        out.append(f"| {g} | {b.steps[g].seconds:.1f} | {a.steps[g].seconds:.1f} | {t.load_s:.2f} | "
+                   f"{t.validate_s:.2f} | {t.docs_s:.2f} | {a.outputs[g].checks} |")
+    out.append(f"| **all gates** | **{gates_total(before):.1f}** | **{gates_total(after):.1f}** | | | | |")
+    out.append(f"| **the day (every step)** | **{steps_total(before):.1f}** | **{steps_total(after):.1f}** | | | | |")
+    return "\n".join(out)
+
+
+def gates_docs_table(d) -> str:
+    """Data Docs build seconds of the raw gate as runs accumulate, pruned to ``keep`` results vs unbounded."""
+    out = ["| results kept per suite | runs | Data Docs build s, runs 1-10 (median) | Data Docs build s, last 10 "
+           "(median) | gate wall s, last 10 (median) | pages at the end |", "|---|---:|---:|---:|---:|---:|"]
+    for sr in d.series:
+        keep = f"{sr.keep}" if sr.keep <= sr.runs else f"all ({sr.runs})"
+        out.append(f"| {keep} | {sr.runs} | {sr.first10_docs_s_median:.2f} | {sr.last10_docs_s_median:.2f} | "
+                   f"{sr.last10_wall_s_median:.2f} | {sr.pages_at_end} |")
+    return "\n".join(out)
+
+
 def daily_estimate_table(est) -> str:
     out = ["| step | seconds | how |", "|---|---:|---|"]
     total = 0.0
@@ -509,7 +543,8 @@ HELPERS: dict[str, Callable] = {
         ratio, pct, hit, minutes, src, raw, memories_table, embedding_cpu_table, embedding_gpu_table,
         static_quality_table, clustering_table, clustering_verdict, clustering_text_table, labelling_table,
         extractive_line, best_run, per_cluster, arm_of, labelling_arms_table, arms_setup, quality_auc_table,
-        evaluate_timings_table, daily_table, step_seconds, steps_total, daily_estimate_table, estimate_total)
+        evaluate_timings_table, daily_table, step_seconds, steps_total, daily_estimate_table, estimate_total, gates_total,
+        gates_cost_table, gates_docs_table)
 } | {"sum": sum, "min": min, "max": max, "len": len, "round": round, "abs": abs, "sorted": sorted, "all": all,
      "any": any, "str": str}
 
