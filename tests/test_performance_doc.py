@@ -32,7 +32,7 @@ def test_performance_doc_is_its_rendering(r):
     sections = [h for h in doc.splitlines() if h.startswith("## ")]
     assert len(sections) == len(set(sections)), "a section is repeated"
     order = ["Intent memories", "Embedding", "Per-user clustering", "Persona labelling", "Quality scoring",
-             "Daily DAG end to end", "Results files"]
+             "Quality gates (Great Expectations)", "Daily DAG end to end", "Results files"]
     assert [s[3:].split(":")[0] for s in sections] == order  # one section per stage, in data-flow order
     assert "{{" not in doc and "<!--results" not in doc
 
