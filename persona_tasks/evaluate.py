@@ -797,6 +797,9 @@ def evaluate(settings: Settings, datasets: Sequence[str] | None = None, *, llm_m
             "model_version": embedder.model_version,
             "reference": load_reference(settings.project_dir),
             "explorations": load_explorations(settings.project_dir),
+            "labelling_arms": load_labelling_arms(settings.project_dir),
+            "labelling_model": settings.labelling.model if settings.labelling.model_path is None
+            else str(settings.labelling.model_path),
             "datasets": {},
         }
         with Progress("evaluate", total=len(names), unit="datasets") as progress:
@@ -914,6 +917,61 @@ def load_explorations(project_dir: Path | str) -> dict:
         data = json.loads(path.read_text())
         out[data["dataset"]] = data
     return out
+
+
+def load_labelling_arms(project_dir: Path | str) -> list[dict]:
+    """bench/results/labelling_arms_*.json (bench/bench_labelling_arms.py): the decoding arms and models measured on
+    the same history clusters, for docs/results.md."""
+    out = []
+    for path in sorted((Path(project_dir) / "bench" / "results").glob("labelling_arms_*.json")):
+        data = json.loads(path.read_text())
+        data["file"] = path.name
+        out.append(data)
+    return out
+
+
+def _arms_lines(files: list[dict]) -> list[str]:
+    """One row per model, results file, dataset and decoding arm of bench/bench_labelling_arms.py."""
+    rows = ["| model | file | dataset | arm | clusters | fallback rate | objective | truthfulness | alignment | "
+            "s per persona | problems (every attempt) |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for d in files:
+        model = (d.get("model_version") or "extractive").split("@")[0]
+        for src, ds in d["datasets"].items():
+            for arm, r in ds["arms"].items():
+                q = r.get("quality") or {}
+                probs = ", ".join(f"{k} {v}" for k, v in sorted((r.get("problems") or {}).items(),
+                                                                key=lambda kv: -kv[1])[:4])
+                rows.append(f"| {model} | `{d['file']}` | {src} | {arm} | {r['clusters']} | {r['fallback_rate']:.3f} | "
+                            f"{_f3(q.get('objective'))} | {_f3(q.get('truthfulness'))} | {_f3(q.get('alignment'))} | "
+                            f"{r['seconds_per_persona']:.2f} | {probs or '-'} |")
+    return rows
+
+
+def _labeller_target_lines(results: dict) -> list[str]:
+    """The untrained LLM labeller's targets on each dataset's LLM sample: fallback at most 10%, objective and
+    truthfulness at least the extractive labeller's on the same clusters, multi-persona Hit@10 at least the
+    extractive labels' on the same users."""
+    rows = ["| dataset | users | LLM fallback rate (target <= 0.10) | objective LLM / extractive | truthfulness LLM / "
+            "extractive | multi-persona Hit@10 LLM / extractive | paired difference (95% CI) | targets met |",
+            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, d in results["datasets"].items():
+        q, s = d.get("quality", {}), d.get("llm_sample")
+        if "llm" not in q or not s:
+            continue
+        fb = d["personas"]["llm"].get("fallback_rate") or 0.0
+        ql, qe = q["llm"], q["extractive_llm_sample"]
+        hl, he = s["methods"]["multi_llm"]["hit@10"], s["methods"]["multi_extractive"]["hit@10"]
+        comp = next((c for c in d.get("comparisons", []) if c["method"] == "multi_llm"
+                     and c["baseline"] == "multi_extractive"), None)
+        diff = (f"{100 * comp['delta_hit@10']:+.2f} ({100 * comp['ci'][0]:+.2f} .. {100 * comp['ci'][1]:+.2f})"
+                if comp else "-")
+        met = {"fallback": fb <= 0.10, "objective": (ql.get("objective") or 0) >= (qe.get("objective") or 0),
+               "truthfulness": (ql.get("truthfulness") or 0) >= (qe.get("truthfulness") or 0), "Hit@10": hl >= he}
+        verdict = "all" if all(met.values()) else "not " + ", ".join(k for k, v in met.items() if not v)
+        rows.append(f"| {name} | {d['personas']['llm']['n_users']} | {fb:.3f} | {_f3(ql.get('objective'))} / "
+                    f"{_f3(qe.get('objective'))} | {_f3(ql.get('truthfulness'))} / {_f3(qe.get('truthfulness'))} | "
+                    f"{_pct(hl)} / {_pct(he)} | {diff} | {verdict} |")
+    return rows if len(rows) > 2 else []
 
 
 def _comparison_lines(d: dict) -> list[str]:
@@ -1116,6 +1174,21 @@ def render_results(results: dict) -> str:
               "|---:|---:|---:|---:|---:|---:|",
               f"| {syn['n_users']} | {syn['n_memories']} | {syn['planted_per_user']:.2f} | "
               f"{syn['clusters_per_user']:.2f} | {_f3(syn['ari'])} | {_f3(syn['nmi'])} |", ""]
+    arms, targets = results.get("labelling_arms") or [], _labeller_target_lines(results)
+    if arms or targets:
+        L += ["## LLM labeller: decoding arms, model and targets", "",
+              f"This run's labeller: model `{results.get('labelling_model', 'smollm2-135m')}`, decoding arm "
+              f"`{p.get('labelling_decoding', 'free')}` (`[labelling] model`, `[labelling] decoding`; docs/labelling.md "
+              "says what each arm is and why the default was chosen)."]
+        if arms:
+            L += ["", "Arms measured by `bench/bench_labelling_arms.py` on the same history clusters of the first users "
+                  "by md5 of each sample (evaluation futures never shown; a `_subsetN` file labels the first N of "
+                  "them); quality from `persona_tasks.quality` with the persona's own evidence:", "",
+                  *_arms_lines(arms)]
+        if targets:
+            L += ["", "Targets of the untrained LLM labeller on this evaluation's LLM sample (the same clusters and "
+                  "users for both labellers):", "", *targets]
+        L.append("")
     if verdicts:
         L += ["## Does multi-persona beat single-persona?", "", *verdicts, "",
               "The source paper reports AOL Hit@10 = 40.18 for multi-persona under a protocol it does not publish; "

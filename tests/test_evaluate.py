@@ -124,6 +124,33 @@ def test_render_lists_every_table():
     assert "repeat a history memory" in text and "multi-persona beats single-persona on Hit@10" in text
 
 
+
+def test_render_reports_the_labeller_arms_and_targets():
+    """docs/results.md holds the arms table and, per dataset, whether the untrained LLM labeller met its targets:
+    a fallback rate over 10% or a lower truthfulness than the extractive labeller's on the same clusters is named."""
+    m = {"hit@1": 0.1, "hit@10": 0.4, "mrr": 0.2, "n": 5}
+    worse = {"hit@1": 0.05, "hit@10": 0.3, "mrr": 0.1, "n": 5}
+    arm = {"clusters": 4, "fallback_rate": 0.25, "seconds_per_persona": 1.5, "problems": {"ungrounded_label": 2},
+           "quality": {"objective": 0.7, "truthfulness": 0.8, "alignment": 0.6}}
+    d = {"source": "aol", "granularity": "session", "n_users_total": 3, "n_users": 2, "n_history": 8, "n_future": 5,
+         "n_negatives": 3, "methods": {"multi_extractive": m, "single_extractive": worse},
+         "llm_sample": {"n_users": 2, "n_future": 5, "methods": {"multi_llm": m, "multi_extractive": worse}},
+         "personas": {"coverage": 0.9, "personas_per_user": 2.0,
+                      "llm": {"n_users": 2, "n_personas": 4, "fallback_rate": 0.25}},
+         "quality": {"extractive": {"cohesion": 0.6}, "llm": {"objective": 0.8, "truthfulness": 0.7},
+                     "extractive_llm_sample": {"objective": 0.75, "truthfulness": 0.9}}}
+    text = render_results({"protocol": {"future_fraction": 0.2, "min_memories": 5, "n_negatives": 3, "seed": 0,
+                                        "llm_max_users": 2, "session_gap_minutes": 30, "movielens_min_rating": 4.0,
+                                        "clustering_strategy": "hdbscan_direct", "labelling_decoding": "phrases"},
+                           "model_version": "m@1", "datasets": {"aol": d}, "labelling_model": "gemma3-270m",
+                           "labelling_arms": [{"file": "labelling_arms_x.json", "model_version": "X@1",
+                                               "datasets": {"aol": {"arms": {"phrases": arm}}}}]})
+    assert "model `gemma3-270m`, decoding arm `phrases`" in text
+    assert "| X | `labelling_arms_x.json` | aol | phrases | 4 | 0.250 | 0.700 | 0.800 | 0.600 | 1.50 | " \
+           "ungrounded_label 2 |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| aol | 2 | 0.250 |"))
+    assert row.endswith("| not fallback, truthfulness |") and "40.00 / 30.00" in row
+
 # --- end to end -------------------------------------------------------------------------------------------------
 
 AOL_USERS = ("2179445", "2413314", "3344799", "3241737", "4586047")  # the smallest users of the sample
