@@ -144,6 +144,8 @@ def main() -> None:
                          "for the slower arms/models; the sample itself stays the same")
     ap.add_argument("--clusters-cache", type=Path, default=None,
                     help="pickle of the sampled clusters (written once, then read; local, never committed)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="another [labelling] setting for every arm, e.g. phrases_per_sentence=1 (repeatable)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     import logging
@@ -151,6 +153,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(warehouse=args.warehouse, threads=args.threads)
     lab_update = {k: v for k, v in (("model", args.model), ("batch_size", args.batch_size)) if v is not None}
+    overrides = {}
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        overrides[key] = json.loads(value) if value[:1] in "-0123456789[{tf" else value
+    lab_update.update(overrides)
     if lab_update:
         settings = settings.model_copy(update={"labelling": settings.labelling.model_copy(update=lab_update)})
     embedder = embedder_from_settings(settings)
@@ -163,7 +170,7 @@ def main() -> None:
     res = {"model": settings.labelling.model, "model_version": llm_parts[2] if llm_parts else None,
            "embedding": embedder.model_version, "threads": args.threads, "batch_size": settings.labelling.batch_size,
            "max_attempts": settings.labelling.max_attempts, "max_new_tokens": settings.labelling.max_new_tokens,
-           "subset": args.subset, "datasets": {}}
+           "subset": args.subset, "labelling_overrides": overrides, "datasets": {}}
     t0 = time.perf_counter()
     data = {src: subset(d, args.subset) for src, d in load_or_sample(settings, args, embedder).items()}
     for src, (history, hvec, assignments, clusters) in data.items():

@@ -164,6 +164,12 @@ class LabellingSettings(BaseModel):
     # validation of a persona (LLM and extractive alike)
     label_max_words: int = 8
     description_max_sentences: int = 3
+    # `phrases` arm: the most phrases of the cluster one description sentence may list ("Looks for A, B and C.").
+    # A sentence is one claim for truthfulness; one listing several memories' phrases is close to none of them
+    phrases_per_sentence: int = Field(default=4, ge=1, le=6)
+    # evidence of a grammar-arm persona: "matched" = the memories shown that its words come from
+    # (constrained.matched_evidence); "cited" = the ids the model wrote
+    grammar_evidence: Literal["matched", "cited"] = "matched"
     description_max_chars: int = 320
     description_min_words: int = 3
     max_evidence: int = 5

@@ -550,3 +550,15 @@ def test_phrases_decoding_is_valid_by_construction_on_planted_clusters():
             opener = next((o for o in description_openers() if sent.startswith(o + " ")), None)
             assert opener, sent
         assert p.evidence_ids and set(p.evidence_ids) <= set(c.memory_ids) and not p.fallback
+
+
+def test_phrases_per_sentence_bounds_the_list_of_a_description_sentence():
+    import llguidance  # noqa: F401 - the grammar is checked by the same library that enforces it
+
+    from persona_tasks.labelling.constrained import phrase_grammar
+
+    shown = ["burr grinder for espresso", "espresso machine under 500", "single origin beans"]
+    one = phrase_grammar(shown, 3, LabellingSettings(phrases_per_sentence=1))
+    many = phrase_grammar(shown, 3, LabellingSettings(phrases_per_sentence=3))
+    desc = lambda g: next(line for line in g.splitlines() if line.startswith("DESC"))  # noqa: E731
+    assert " and (?:" not in desc(one) and "){0,1} and (?:" in desc(many)

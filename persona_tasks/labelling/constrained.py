@@ -117,7 +117,9 @@ def phrase_grammar(shown_texts: list[str], n_ids: int, cfg: LabellingSettings) -
     if second:
         label += f"(?: and {_alternation(second)})?"
     opener = _alternation(list(description_openers()))
-    sentence = f"{opener} {np_}(?:(?:, {np_}){{0,2}} and {np_})?\\."
+    k = max(1, cfg.phrases_per_sentence)
+    more = f"(?:(?:, {np_}){{0,{k - 2}}} and {np_})?" if k >= 2 else ""
+    sentence = f"{opener} {np_}{more}\\."
     n = max(1, n_ids)
     ident = "m(?:" + "|".join(str(i) for i in range(n, 0, -1)) + ")"
     max_ev = max(1, min(cfg.max_evidence, n))

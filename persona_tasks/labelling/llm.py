@@ -243,7 +243,7 @@ class LLMLabeller:
         free arm keeps the model's citation."""
         parsed = parse_output(completion)
         evidence = parsed.evidence
-        if prompt.grammar is not None and parsed.label is not None:
+        if prompt.grammar is not None and parsed.label is not None and self.cfg.grammar_evidence == "matched":
             from persona_tasks.labelling.constrained import matched_evidence
 
             evidence = matched_evidence(parsed.label, parsed.description or "", prompt.shown_texts,
