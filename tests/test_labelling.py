@@ -583,3 +583,15 @@ def test_gemma_model_setting_loads_the_packaged_model_or_names_the_package(tmp_p
     out = lab.label([c])
     assert lab.stats.prompts == 1 and len(out) == 1 and set(out[0].evidence_ids) <= set(c.memory_ids)
     assert out[0].fallback or "espresso" in f"{out[0].label} {out[0].description}".lower()
+
+
+def test_a_content_free_sentence_of_a_model_description_is_dropped():
+    # before: "Reads about the in which they are." stayed (the description as a whole had content words)
+    shown = ["crime drama comedy", "thriller crime"]
+    c = check_persona("Crime and drama", "Looks for crime, drama, comedy. Reads about the in which they are.", ["m1"],
+                      {"m1": "x"}, CFG, grounding_texts=shown)
+    assert c.ok and c.description == "Looks for crime, drama, comedy." and "dropped_empty_sentence" in c.repairs
+    # a description of only such sentences is still a problem, not emptied
+    bad = check_persona("Crime and drama", "Reads about the in. Plans the with.", ["m1"], {"m1": "x"}, CFG,
+                        grounding_texts=shown)
+    assert "description_no_content" in bad.problems

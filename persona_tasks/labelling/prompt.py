@@ -30,22 +30,24 @@ EXAMPLE_MEMORIES = (
     "m3: when to plant tomatoes\n"
     "m4: raised garden bed kit"
 )
-# every content word of the example answer is a word of its memories (what constrained decoding enforces)
-# (and is an answer of the `phrases` arm's grammar: a label of one or two of the memories' phrases, sentences
-# opened by a closed verb and continued with the memories' phrases)
+# every content word of the example answer is a word of its memories (what constrained decoding enforces). The
+# example of p3 (a short "Plans ..." sentence, then one listing the memories' phrases) is kept: the p4 example (two
+# sentences each listing phrases, as the phrases arm writes them) cost MovieLens skeleton personas 0.085 of
+# truthfulness on the same 50 clusters (bench/results/labelling_arms_*_p4.json vs *_p5.json)
 EXAMPLE_ANSWER = (
-    "Label: Tomato seedlings and raised garden bed kit\n"
-    "Description: Looks for tomato seedlings and raised garden bed kit. Reads about when to plant tomatoes.\n"
+    "Label: Tomato seedlings and a raised garden bed\n"
+    "Description: Plans when to plant tomatoes. Looks for tomato seedlings and a raised garden bed kit.\n"
     "Evidence: m1, m3, m4"
 )
 # phrases of the prompt itself: an answer holding one copied the prompt
-PROMPT_PHRASES = ("Tomato seedlings and raised garden bed", "persona label", "at most 8 words",
-                  "one to three sentences", "ids of the memories", "what they are doing")
+PROMPT_PHRASES = ("Tomato seedlings and a raised garden bed", "Tomato seedlings and raised garden bed",
+                  "persona label", "at most 8 words", "one to three sentences", "ids of the memories",
+                  "what they are doing")
 # words of the example's topic: in an answer they are copied from the example (unless the memories have them)
 EXAMPLE_TOPIC_WORDS = ("tomato", "tomatoes", "seedling", "seedlings", "garden", "gardener", "gardening",
                        "vegetable", "vegetables", "planting", "raised")
 PREFILL = "Label:"
-PROMPT_VERSION = "p4"
+PROMPT_VERSION = "p5"
 
 
 @dataclass

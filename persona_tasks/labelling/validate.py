@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from persona_tasks.config import LabellingSettings
-from persona_tasks.labelling.text import PLACEHOLDER, grounded_words, scrub_pii, words
+from persona_tasks.labelling.text import PLACEHOLDER, content_words, grounded_words, scrub_pii, words
 
 _FIELD_ALIASES = {
     "label": "label", "persona": "label", "name": "label", "title": "label",
@@ -214,6 +214,14 @@ def check_persona(
     if len(sentences) > settings.description_max_sentences:
         sentences = sentences[: settings.description_max_sentences]
         out.repairs.append("trimmed_sentences")
+    # a sentence with no content word ("Reads about the in which they are.") says nothing: dropped when another
+    # sentence remains (a repair; before, it passed because the description as a whole had content words). Only for
+    # model output (checked against ``grounding_texts``): the extractive template's count sentence stays
+    if len(sentences) > 1 and grounding_texts is not None:
+        kept = [t for t in sentences if content_words(PLACEHOLDER.sub(" ", t))]
+        if kept and len(kept) < len(sentences):
+            sentences = kept
+            out.repairs.append("dropped_empty_sentence")
     while len(sentences) > 1 and len(" ".join(sentences)) > settings.description_max_chars:
         sentences = sentences[:-1]
         out.repairs.append("trimmed_sentences")
