@@ -203,19 +203,6 @@ def show_personas(database, n_users: int = 3) -> None:
     print("\nexample query:\n" + PERSONAS_SQL)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="persona-etl demo on the bundled AOL sample")
-    ap.add_argument("--cli", action="store_true", help="without Airflow: the whole sample through the CLI steps")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.cli else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main_cli() if args.cli else main_dag()
-
-
-if __name__ == "__main__":
-    main()
-
-
 def show_gates(settings) -> None:
     """Per run date, the gates' checks (Great Expectations suites) and where their Data Docs are."""
     from persona_tasks.gates.site import docs_dir
@@ -233,3 +220,16 @@ def show_gates(settings) -> None:
         print(f"  {day}: {n} checks, {blocking} blocking and {warned} warning failures"
               + (f" ({names})" if names else ""))
     print(f"  Data Docs: {docs_dir(settings) / 'index.html'}  (serve: make quality-docs)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="persona-etl demo on the bundled AOL sample")
+    ap.add_argument("--cli", action="store_true", help="without Airflow: the whole sample through the CLI steps")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.cli else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main_cli() if args.cli else main_dag()
+
+
+if __name__ == "__main__":
+    main()

@@ -341,3 +341,15 @@ def test_data_docs_keep_only_the_last_runs(wh):
     assert len(keys) == 2
     pages = list((site.docs_dir(keep) / "validations" / "gate_personas" / "run").rglob("*.html"))
     assert len(pages) == 2
+
+
+def test_demo_prints_each_days_gate_results_and_the_data_docs(wh, capsys):
+    """What ``make demo`` prints after the DAG run: per run date the checks and failures, and the Data Docs index."""
+    from persona_tasks.demo import show_gates
+    from persona_tasks.gates import site
+
+    show_gates(wh["settings"])
+    out = capsys.readouterr().out
+    assert f"  {D1}: " in out and f"  {D2}: " in out and "checks, 0 blocking" in out
+    assert str(site.docs_dir(wh["settings"]) / "index.html") in out
+    assert (site.docs_dir(wh["settings"]) / "index.html").is_file()
