@@ -188,7 +188,7 @@ def record_alert(settings: Settings, alert: Alert) -> str:
             con.close()
         return "ops_alerts"
     except (duckdb.Error, OSError) as exc:
-        from persona_tasks.daily import work_dir
+        from persona_tasks.days import work_dir
 
         path = work_dir(settings) / "ops_alerts.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)

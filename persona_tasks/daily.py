@@ -42,22 +42,9 @@ from pathlib import Path
 
 from persona_tasks.config import Settings
 from persona_tasks.errors import GateError, PersonaEtlError  # noqa: F401 - GateError: the DAG catches daily.GateError
-from persona_tasks.days import as_date, day_end  # noqa: F401 - re-exported: the DAG and older callers use daily.*
+from persona_tasks.days import as_date, day_end, run_dir, work_dir  # noqa: F401 - re-exported: the DAG and older callers use daily.*
 
 log = logging.getLogger(__name__)
-
-
-def work_dir(settings: Settings) -> Path:
-    w = settings.orchestration.work_dir
-    if w is None:
-        return Path(settings.warehouse).parent / "work"
-    return w if w.is_absolute() else settings.project_dir / w
-
-
-def run_dir(settings: Settings, run_date: date | str) -> Path:
-    d = work_dir(settings) / as_date(run_date).isoformat()
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def landing_location(settings: Settings) -> str:

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from persona_tasks.gates import SUITES
+from persona_tasks.gates.suites import SUITES
 from persona_tasks.gates.checks import Entry
 from persona_tasks.gates.results import FAILED_LAST_NIGHT_SQL, FAILING_SINCE_SQL
 

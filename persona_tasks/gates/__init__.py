@@ -14,14 +14,9 @@ from persona_tasks.config import Settings
 from persona_tasks.errors import GateError
 from persona_tasks.gates import memories, personas, raw
 from persona_tasks.gates.runner import RunInfo, run_suite
-
-SUITES = (raw.SUITE, memories.SUITE, personas.SUITE)
+from persona_tasks.gates.suites import SUITES, suite
 
 __all__ = ["GateError", "RunInfo", "SUITES", "gate_memories", "gate_personas", "gate_raw", "suite"]
-
-
-def suite(gate: str):
-    return next(s for s in SUITES if s.gate == gate)
 
 
 def gate_raw(settings: Settings, run_date: date | str, ingested: dict, run: RunInfo | None = None) -> dict:

@@ -166,7 +166,7 @@ CHECKS: tuple[Check, ...] = (
 
 
 def _custom():
-    from persona_tasks.gates import custom
+    import persona_tasks.gates.custom as custom
 
     return custom
 

@@ -123,7 +123,7 @@ def _jsonable(v: Any) -> Any:
 
 
 def known_checks() -> dict[str, Check]:
-    from persona_tasks.gates import SUITES
+    from persona_tasks.gates.suites import SUITES
 
     return {c.name: c for s in SUITES for c in s.checks}
 
@@ -207,8 +207,8 @@ def validate(settings: Settings, suite: Suite, day: date, frames: dict, run: Run
         ValidationResultIdentifier,
     )
 
-    from persona_tasks.gates import custom  # noqa: F401 - registers the custom expectation
-    from persona_tasks.gates import site
+    import persona_tasks.gates.custom  # noqa: F401 - registers the custom expectation
+    import persona_tasks.gates.site as site
 
     t0 = time.perf_counter()
     ctx = site.context(settings)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def retrain_dir(settings: Settings, as_of: date | str) -> Path:
-    from persona_tasks.daily import work_dir
+    from persona_tasks.days import work_dir
 
     return work_dir(settings) / "retrain" / str(as_of)
 
