@@ -156,7 +156,10 @@ def main() -> None:
     overrides = {}
     for kv in args.set:
         key, _, value = kv.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in "-0123456789[{tf" else value
+        try:
+            overrides[key] = json.loads(value)  # numbers, true/false, lists
+        except ValueError:
+            overrides[key] = value  # a plain string ("cited")
     lab_update.update(overrides)
     if lab_update:
         settings = settings.model_copy(update={"labelling": settings.labelling.model_copy(update=lab_update)})

@@ -114,3 +114,9 @@ def query_row(con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = No
     while an ``execute`` result is only partly read)."""
     rows = con.execute(sql, params).fetchall() if params else con.execute(sql).fetchall()
     return rows[0] if rows else ()
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, table: str, schema: str = "main") -> bool:
+    """Whether ``schema.table`` exists (a table or a view)."""
+    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = $s AND "
+                            "table_name = $t", {"s": schema, "t": table}).fetchall()[0][0])

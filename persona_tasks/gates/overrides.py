@@ -20,7 +20,7 @@ import duckdb
 from persona_tasks.config import Settings
 from persona_tasks.days import as_date
 from persona_tasks.errors import PersonaEtlError
-from persona_tasks.gates.results import table_exists
+from persona_tasks.warehouse import table_exists
 
 OVERRIDES_DDL = """
 CREATE TABLE IF NOT EXISTS quality_overrides (

@@ -16,6 +16,7 @@ from typing import Any
 from persona_tasks.config import Settings
 from persona_tasks.days import day_end
 from persona_tasks.gates.checks import Check, Entry, Suite, metric
+from persona_tasks.warehouse import table_exists
 
 GATE = "gate_raw"
 
@@ -171,14 +172,9 @@ def _custom():
     return custom
 
 
-def _table_exists(con, schema: str, table: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = $s AND "
-                            "table_name = $t", {"s": schema, "t": table}).fetchall()[0][0])
-
-
 def published_days(con, day: date, n: int) -> list[date]:
     """The last ``n`` run dates before ``day`` that were published."""
-    if not _table_exists(con, "personas", "induction_runs"):
+    if not table_exists(con, "induction_runs", "personas"):
         return []
     rows = con.execute("SELECT DISTINCT run_date FROM personas.induction_runs WHERE published_at IS NOT NULL AND "
                        "run_date < $d ORDER BY run_date DESC LIMIT $n", {"d": day, "n": n}).fetchall()

@@ -11,6 +11,8 @@ from datetime import date
 
 import duckdb
 
+from persona_tasks.warehouse import table_exists
+
 RESULTS_DDL = """
 CREATE TABLE IF NOT EXISTS quality_check_results (
     dag_run_id       VARCHAR,              -- Airflow run id (local__<time> outside Airflow)
@@ -63,11 +65,6 @@ WHERE NOT success AND run_date > coalesce((SELECT max(run_date) FROM daily WHERE
 
 def ensure_table(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(RESULTS_DDL)
-
-
-def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' AND "
-                            "table_name = $n", {"n": name}).fetchall()[0][0])
 
 
 def write_results(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> int:
