@@ -11,6 +11,9 @@ what each step checks). Settings come from persona_etl.toml / ``PERSONA_ETL_*`` 
 - Retries with exponential backoff on tasks that can fail transiently; none on the gates (Great Expectations
   suites, persona_tasks/gates: every check recorded in ``quality_check_results``), and a bad input file fails at
   once. Failures call ``persona_tasks.alerts.on_failure_callback`` (ops_alerts row, webhook).
+- Incremental: a day recomputes only its active users (memories changed); persona ids are stable and every
+  change is a new version in ``personas.persona_history``. The params ``full`` (recompute every user) and
+  ``rewind`` (republish an earlier day whose result changed, undoing the later days) are for operators.
 - The published persona tables and the serving copy are Assets downstream DAGs can be scheduled on.
 """
 
@@ -29,7 +32,8 @@ _cfg = load_settings().orchestration
 
 # Downstream DAGs: ``@dag(schedule=[PERSONA_TABLES])`` runs after every successful publish.
 PERSONA_TABLES = Asset(uri="persona-etl://warehouse/personas", name="persona_tables",
-                       extra={"tables": "personas.personas, personas.persona_evidence, personas.persona_topics"})
+                       extra={"tables": "personas.persona_history, personas.persona_evidence, "
+                                        "personas.persona_topics"})
 SERVING_COPY = Asset(uri="persona-etl://serving/personas", name="persona_serving_copy")
 
 RETRYING = {
@@ -79,7 +83,11 @@ def _gate(fn_name: str, context, *args):
     tags=["persona-etl", "daily", "personas"],
     default_args={"owner": _cfg.owner, "on_failure_callback": on_failure_callback, **RETRYING},
     params={"labeller": Param(_cfg.labeller, type="string", enum=["extractive", "llm"],
-                              description="persona labeller of this run")},
+                              description="persona labeller of this run"),
+            "full": Param(False, type="boolean",
+                          description="recompute every user, not only those whose memories changed"),
+            "rewind": Param(False, type="boolean",
+                            description="republishing an earlier day whose result changed: undo the later days")},
     doc_md=__doc__,
 )
 def persona_daily():
@@ -101,7 +109,7 @@ def persona_daily():
 
     @task(**WRITER, queue=_cfg.embed_queue)
     def embed(checked: dict, **context):
-        return _call("embed", context)
+        return _call("embed", context, full=bool(context["params"].get("full", False)))
 
     @task  # reads the Parquet export only: no warehouse pool, shards run in parallel
     def cluster(shard: int, embedded: dict, n_shards: int, **context):
@@ -113,7 +121,8 @@ def persona_daily():
 
     @task(pool=_cfg.label_pool, queue=_cfg.label_queue)
     def label(stored: dict, **context):
-        return _call("label", context, labeller=context["params"]["labeller"])
+        return _call("label", context, labeller=context["params"]["labeller"],
+                     full=bool(context["params"].get("full", False)))
 
     @task(**WRITER, queue=_cfg.score_queue)
     def score(labelled: dict, **context):
@@ -125,7 +134,7 @@ def persona_daily():
 
     @task(**WRITER, outlets=[PERSONA_TABLES])
     def publish(checked: dict, **context):
-        return _call("publish", context)
+        return _call("publish", context, rewind=bool(context["params"].get("rewind", False)))
 
     @task(**WRITER, outlets=[SERVING_COPY])
     def serve(published: dict, **context):

@@ -66,13 +66,15 @@ def _cmd_induce(args: argparse.Namespace) -> int:
     users = [u for part in args.users for u in part.split(",") if u] if args.users else None
     run_date = date.fromisoformat(args.run_date) if args.run_date else None
     report = induce(settings, labeller=args.labeller, users=users, run_date=run_date,
-                    llm_max_users=args.llm_max_users)
+                    llm_max_users=args.llm_max_users, full=args.full, rewind=args.rewind)
     print(report.summary())  # counts, coverage, and the quality step's scored count and mean scores
     if report.published:
         p = report.published
-        print(f"published: {p.n_personas} personas, {p.n_evidence} evidence rows, {p.n_topics} topics "
-              f"for run date {p.run_date} (tables personas.personas with quality scores cohesion, alignment, "
-              "truthfulness, objective (docs/quality.md), personas.persona_evidence, personas.persona_topics)")
+        print(f"published: run date {p.run_date}: {p.n_appeared} personas appeared, {p.n_changed} changed, "
+              f"{p.n_retired} retired, {p.n_unchanged} unchanged ({p.rows_written} rows written); now "
+              f"{p.n_personas} current personas of {p.n_users} users, {p.n_topics} topics (personas.current_personas "
+              "with quality scores cohesion, alignment, truthfulness, objective (docs/quality.md), "
+              "personas.persona_history, personas.persona_changes, personas.persona_evidence; docs/analysts.md)")
     return 0
 
 
@@ -212,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("induce", help="embed, cluster, label, score and publish personas from intent memories",
                        description="Induce several personas per user from marts.intent_memories: embed memories, "
                        "cluster each user's memories, label each cluster, score each persona (cohesion, "
-                       "alignment, truthfulness, objective: docs/quality.md), and publish personas.personas, "
-                       "personas.persona_evidence and personas.persona_topics atomically for one run date.")
+                       "alignment, truthfulness, objective: docs/quality.md), and publish new persona versions "
+                       "(personas.persona_history, persona_evidence, persona_topics) atomically for one run date. "
+                       "Incremental: only users whose memories changed are recomputed; persona ids are stable.")
     p.add_argument("--labeller", choices=["llm", "extractive"], default="extractive",
                    help="llm: the configured causal LM (default SmolLM2-135M-Instruct), validated, with "
                    "extractive fallback; extractive: c-TF-IDF key terms (fast)")
@@ -222,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-max-users", type=int, default=None,
                    help="with --labeller llm: let the LLM label only this many users (a stable sample); "
                    "the others get extractive personas")
+    p.add_argument("--full", action="store_true",
+                   help="recompute every user, not only the day's active ones (after changing the embedding model "
+                   "or clustering settings; on unchanged data it gives the same personas)")
+    p.add_argument("--rewind", action="store_true",
+                   help="republishing a day before the latest published one whose result changed: undo the later "
+                   "days too (rerun them afterwards, in order)")
     p.set_defaults(func=_cmd_induce)
 
     p = sub.add_parser("evaluate", help="future-interaction prediction: history personas vs baselines "

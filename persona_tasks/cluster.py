@@ -744,15 +744,20 @@ def load_cluster_input(
     model_version: str,
     shard: int | None = None,
     n_shards: int | None = None,
+    users: list[str] | None = None,
 ) -> pl.DataFrame:
     """``user_id, memory_id, started_at, embedding`` of the memories of ``marts.intent_memories`` whose current
-    text is embedded with ``model_version`` (optionally one shard of users, filtered in SQL)."""
+    text is embedded with ``model_version`` (optionally one shard of users, or only ``users``, filtered in SQL)."""
     ensure_schema(con)
     where = ""
+    params: dict = {"v": model_version}
+    if users is not None:
+        where += " AND m.user_id IN (SELECT unnest($users))"
+        params["users"] = list(users)
     if shard is not None or n_shards is not None:
         if shard is None or n_shards is None or not 0 <= shard < n_shards:
             raise ClusteringError(f"shard must be in 0..n_shards-1 (got shard={shard}, n_shards={n_shards})")
-        where = f"AND {shard_sql('m.user_id', n_shards)} = {int(shard)}"
+        where += f" AND {shard_sql('m.user_id', n_shards)} = {int(shard)}"
     return con.sql(
         f"""
         SELECT m.user_id, m.memory_id, m.started_at, e.embedding
@@ -762,7 +767,7 @@ def load_cluster_input(
         WHERE true {where}
         ORDER BY m.user_id, m.started_at, m.memory_id
         """,
-        params={"v": model_version},
+        params=params,
     ).pl()
 
 

@@ -191,6 +191,24 @@ class TopicsSettings(BaseModel):
     min_cluster_share: float = 0.005
     # a persona outside every topic joins the nearest one when cosine to its centroid is at least this
     join_min_similarity: float = 0.5
+    # topics are refitted over every current persona when the latest fit is this many days old (and on a full
+    # rebuild); on other days only new persona versions join the latest fit's nearest topic (cost follows activity)
+    refit_days: int = Field(default=7, ge=1)
+
+
+class IncrementalSettings(BaseModel):
+    """Incremental induction with stable persona ids (``persona_tasks.identity``; docs/analysts.md "History").
+
+    A day re-clusters only its *active* users (their memories up to the day differ from what their published
+    personas were induced from); each new cluster is matched to one of the user's current personas by evidence
+    overlap (Jaccard of memory ids, ties by centroid cosine) and keeps its ``persona_id``; a matched cluster
+    whose evidence barely changed keeps its label and description without a labeller call.
+    """
+
+    # a new cluster continues a current persona when the Jaccard overlap of their evidence is at least this
+    match_min_jaccard: float = Field(default=0.3, gt=0, le=1)
+    # a continued persona keeps its label and description (no labeller call) when the overlap is at least this
+    keep_label_min_jaccard: float = Field(default=0.8, gt=0, le=1)
 
 
 class QualitySettings(BaseModel):
@@ -452,8 +470,8 @@ class ServingSettings(BaseModel):
     path: Path | None = None
     # schema.table names copied; views are recreated on top of them
     tables: list[str] = Field(default_factory=lambda: [
-        "personas.personas", "personas.persona_evidence", "personas.persona_topics", "personas.induction_runs",
-        "marts.intent_memories"])
+        "personas.persona_history", "personas.persona_evidence", "personas.persona_topics",
+        "personas.induction_runs", "marts.intent_memories"])
 
 
 class AlertsSettings(BaseModel):
@@ -567,6 +585,7 @@ class Settings(BaseSettings):
     clustering: ClusteringSettings = Field(default_factory=ClusteringSettings)
     labelling: LabellingSettings = Field(default_factory=LabellingSettings)
     topics: TopicsSettings = Field(default_factory=TopicsSettings)
+    incremental: IncrementalSettings = Field(default_factory=IncrementalSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     sensitive: SensitiveSettings = Field(default_factory=SensitiveSettings)

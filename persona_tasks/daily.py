@@ -140,28 +140,34 @@ def gate_memories(settings: Settings, run_date: date | str, built: dict, run=Non
 
 # --- 5. embed --------------------------------------------------------------------------------------------------
 
-def embed(settings: Settings, run_date: date | str) -> dict:
-    """Embed the memories that started before the end of the day; export the clustering input for the shards."""
+def embed(settings: Settings, run_date: date | str, full: bool = False) -> dict:
+    """Find the day's active users (persona_tasks.identity: their memories up to the day changed; every user
+    when ``full``), embed their memories and export their clustering input for the shards."""
     import polars as pl
 
     from persona_tasks.cluster import load_cluster_input
     from persona_tasks.embed import embedder_from_settings, embed_memories
+    from persona_tasks.identity import active_users
     from persona_tasks.warehouse import connect, query_pl
 
     day = as_date(run_date)
     embedder = embedder_from_settings(settings)
     with connect(settings) as con:
+        active = active_users(con, day, full)["user_id"].to_list()
         memories = query_pl(con, "SELECT memory_id, user_id, embedding_text FROM marts.intent_memories "
-                                 "WHERE started_at < $e", {"e": day_end(day)})
+                                 "WHERE started_at < $e AND user_id IN (SELECT unnest($u))",
+                            {"e": day_end(day), "u": active})
         rep = embed_memories(settings, con, memories=memories, embedder=embedder)
-        frame = load_cluster_input(con, embedder.model_version).filter(pl.col("started_at") < day_end(day))
+        frame = load_cluster_input(con, embedder.model_version, users=active).filter(
+            pl.col("started_at") < day_end(day))
     path = run_dir(settings, day) / "cluster_input.parquet"
     tmp = path.with_suffix(".parquet.tmp")
     frame.write_parquet(tmp)
     tmp.replace(path)
     return {"run_date": day.isoformat(), "model_version": embedder.model_version, "memories": memories.height,
             "embedded": rep.n_new, "encoded": rep.n_encoded, "cluster_input": str(path),
-            "cluster_rows": frame.height, "users": frame["user_id"].n_unique() if frame.height else 0}
+            "cluster_rows": frame.height, "users": frame["user_id"].n_unique() if frame.height else 0,
+            "active_users": len(active), "full": full}
 
 
 # --- 6. cluster one shard (no warehouse access) ----------------------------------------------------------------
@@ -195,7 +201,7 @@ def cluster_shard(settings: Settings, run_date: date | str, shard: int, n_shards
 # --- 7. store clusters -----------------------------------------------------------------------------------------
 
 def store_clusters(settings: Settings, run_date: date | str, shards: list[dict], embedded: dict) -> dict:
-    """Write every shard's clusters to the warehouse (shard-wise replace, like ``induce.cluster_step``)."""
+    """Write every shard's clusters to the warehouse (replacing those of the shard's active users only)."""
     import polars as pl
 
     from persona_tasks.cluster import ClusteringResult, write_clusters
@@ -211,7 +217,7 @@ def store_clusters(settings: Settings, run_date: date | str, shards: list[dict],
         for s in shards:
             result = ClusteringResult(pl.read_parquet(s["assignments"]), pl.read_parquet(s["users_file"]),
                                       s["strategy"], s["seconds"])
-            write_clusters(con, result, embedded["model_version"], s["shard"], n_shards)
+            write_clusters(con, result, embedded["model_version"])
     return {"run_date": day.isoformat(), "n_shards": n_shards, "users": sum(s["users"] for s in shards),
             "memories": sum(s["memories"] for s in shards)}
 
@@ -219,8 +225,9 @@ def store_clusters(settings: Settings, run_date: date | str, shards: list[dict],
 # --- 8. label and score ----------------------------------------------------------------------------------------
 
 def label(settings: Settings, run_date: date | str, labeller: str | None = None,
-          llm_max_users: int | None = None) -> dict:
-    """Label every stored cluster (memories up to the day) and stage the run (``induce.label_step``)."""
+          llm_max_users: int | None = None, full: bool = False) -> dict:
+    """Match the active users' clusters to their personas, label what changed and stage the run
+    (``induce.label_step``)."""
     from persona_tasks.induce import label_step
     from persona_tasks.warehouse import connect
 
@@ -229,8 +236,9 @@ def label(settings: Settings, run_date: date | str, labeller: str | None = None,
     if llm_max_users is None:
         llm_max_users = settings.orchestration.llm_max_users
     with connect(settings) as con:
-        rep = label_step(settings, con, day, labeller, llm_max_users=llm_max_users)
+        rep = label_step(settings, con, day, labeller, llm_max_users=llm_max_users, full=full)
     return {"run_date": day.isoformat(), "run_id": rep.run_id, "labeller": labeller, "users": rep.n_users,
+            "active_users": rep.n_active, "labelled": rep.n_labelled, "changes": rep.changes,
             "personas": rep.n_personas, "n_llm": rep.n_llm, "n_fallbacks": rep.n_fallbacks,
             "coverage": round(rep.coverage, 6), "llm_stats": rep.llm_stats, "timings_s": rep.timings_s}
 
@@ -264,16 +272,18 @@ def gate_personas(settings: Settings, run_date: date | str, run=None) -> dict:
 
 # --- 10. publish and serve -------------------------------------------------------------------------------------
 
-def publish(settings: Settings, run_date: date | str) -> dict:
-    """Publish the staged run (one transaction: readers never see half a run)."""
+def publish(settings: Settings, run_date: date | str, rewind: bool = False) -> dict:
+    """Publish the staged run as persona versions (one transaction: readers never see half a run)."""
     from persona_tasks.publish import publish_run
     from persona_tasks.warehouse import connect
 
     day = as_date(run_date)
     with connect(settings) as con:
-        rep = publish_run(settings, con, day)
+        rep = publish_run(settings, con, day, rewind=rewind)
     return {"run_date": day.isoformat(), "personas": rep.n_personas, "evidence": rep.n_evidence,
-            "users": rep.n_users, "topics": rep.n_topics}
+            "users": rep.n_users, "topics": rep.n_topics, "active_users": rep.n_active, "appeared": rep.n_appeared,
+            "changed": rep.n_changed, "unchanged": rep.n_unchanged, "retired": rep.n_retired,
+            "rows_written": rep.rows_written, "no_op": rep.no_op}
 
 
 def serve(settings: Settings, run_date: date | str) -> dict:
@@ -303,25 +313,39 @@ def cleanup_work(settings: Settings, run_date: date | str, keep_days: int = 7) -
     return n
 
 
-def run_day(settings: Settings, run_date: date | str, labeller: str | None = None) -> dict:
-    """Every step of a day in order, in this process (what the DAG does, without Airflow)."""
+def run_day(settings: Settings, run_date: date | str, labeller: str | None = None, full: bool = False,
+            timings: bool = False) -> dict:
+    """Every step of a day in order, in this process (what the DAG does, without Airflow); ``timings``: add
+    ``step_seconds`` (wall seconds per step)."""
     t0 = time.perf_counter()
     day = as_date(run_date)
     out: dict = {}
-    out["ingest"] = ingest_landing(settings, day)
-    out["gate_raw"] = gate_raw(settings, day, out["ingest"])
-    out["build"] = build(settings, day)
-    out["gate_memories"] = gate_memories(settings, day, out["build"])
-    out["embed"] = embed(settings, day)
+    step_s: dict[str, float] = {}
+
+    def step(name: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        out[name] = fn(settings, day, *args, **kwargs)
+        step_s[name] = round(time.perf_counter() - t, 3)
+        return out[name]
+
+    step("ingest", ingest_landing)
+    step("gate_raw", gate_raw, out["ingest"])
+    step("build", build)
+    step("gate_memories", gate_memories, out["build"])
+    step("embed", embed, full=full)
     n = settings.orchestration.n_shards
+    t = time.perf_counter()
     shards = [cluster_shard(settings, day, k, n, out["embed"]) for k in range(n)]
-    out["store_clusters"] = store_clusters(settings, day, shards, out["embed"])
-    out["label"] = label(settings, day, labeller)
-    out["score"] = score(settings, day)
-    out["gate_personas"] = gate_personas(settings, day)
-    out["publish"] = publish(settings, day)
-    out["serve"] = serve(settings, day)
+    step_s["cluster"] = round(time.perf_counter() - t, 3)
+    step("store_clusters", store_clusters, shards, out["embed"])
+    step("label", label, labeller, full=full)
+    step("score", score)
+    step("gate_personas", gate_personas)
+    step("publish", publish)
+    step("serve", serve)
     out["seconds"] = round(time.perf_counter() - t0, 2)
+    if timings:
+        out["step_seconds"] = step_s
     return out
 
 

@@ -30,7 +30,7 @@ EXAMPLE_SQL = (
 
 PERSONAS_SQL = (
     "SELECT p.user_id, p.label, p.labeller, p.n_evidence, round(p.objective, 2) AS objective, t.label AS topic\n"
-    "FROM personas.current_personas p LEFT JOIN personas.persona_topics t USING (topic_id, run_date)\n"
+    "FROM personas.current_personas p LEFT JOIN personas.persona_topics t USING (topic_id)\n"
     "WHERE len(p.sensitive_categories) = 0  -- leave out personas flagged in a special category\n"
     "ORDER BY p.user_id, p.n_evidence DESC"
 )
@@ -172,32 +172,32 @@ def show_personas(database, n_users: int = 3) -> None:
             mean = query_row(con, "SELECT avg(objective) FROM personas.current_personas WHERE user_id = $u",
                              {"u": u})[0]
             print(f"\nuser {u} (mean objective {mean:.2f}):" if mean is not None else f"\nuser {u}:")
-            personas = query_pl(con, "SELECT persona_id, run_date, label, description, labeller, is_fallback, "
+            personas = query_pl(con, "SELECT persona_id, version, label, description, labeller, is_fallback, "
                                      "n_evidence, objective FROM personas.current_personas WHERE user_id = $u "
                                      "ORDER BY n_evidence DESC LIMIT 4", {"u": u})
-            for pid, run_date, label, desc, labeller, fb, n, obj in personas.iter_rows():
+            for pid, version, label, desc, labeller, fb, n, obj in personas.iter_rows():
                 tag = "extractive fallback" if fb else labeller
                 score = f", objective {obj:.2f}" if obj is not None else ""
                 print(f"  [{tag}] {label} ({n} {'memory' if n == 1 else 'memories'}{score})\n    {desc}")
                 ev = query_pl(con, "SELECT e.memory_id, m.embedding_text FROM personas.persona_evidence e "
                                    "JOIN marts.intent_memories m USING (memory_id) WHERE e.persona_id = $p "
-                                   "AND e.run_date = $d ORDER BY e.similarity DESC LIMIT 2",
-                              {"p": pid, "d": run_date})
+                                   "AND e.version = $v ORDER BY e.similarity DESC LIMIT 2",
+                              {"p": pid, "v": version})
                 for mid, text in ev.iter_rows():
                     print(f"      evidence {mid[:12]}: {snippet(text, terms)}")
-        llm = query_pl(con, "SELECT persona_id, run_date, user_id, label, description, objective "
+        llm = query_pl(con, "SELECT persona_id, version, user_id, label, description, objective "
                             "FROM personas.current_personas WHERE labeller = 'llm' AND NOT is_fallback "
                             "AND coalesce(len(sensitive_categories), 0) = 0 AND objective >= $floor "
                             "ORDER BY objective DESC NULLS LAST, persona_id LIMIT 3", {"floor": LLM_SHOW_MIN_OBJECTIVE})
         if llm.height:
             print(f"\nwritten by the LLM labeller ({settings.labelling.decoding} decoding; its best-scored personas "
                   f"with objective >= {LLM_SHOW_MIN_OBJECTIVE}, none flagged):")
-        for pid, run_date, u, label, desc, obj in llm.iter_rows():
+        for pid, version, u, label, desc, obj in llm.iter_rows():
             score = f", objective {obj:.2f}" if obj is not None else ""
             print(f"  user {u}: [llm] {label}{score}\n    {desc}")
             ev = query_pl(con, "SELECT e.memory_id, m.embedding_text FROM personas.persona_evidence e "
                                "JOIN marts.intent_memories m USING (memory_id) WHERE e.persona_id = $p "
-                               "AND e.run_date = $d ORDER BY e.similarity DESC LIMIT 1", {"p": pid, "d": run_date})
+                               "AND e.version = $v ORDER BY e.similarity DESC LIMIT 1", {"p": pid, "v": version})
             for mid, text in ev.iter_rows():
                 print(f"      evidence {mid[:12]}: {snippet(text, terms)}")
     print("\nexample query:\n" + PERSONAS_SQL)

@@ -47,7 +47,7 @@ from persona_tasks.config import QualitySettings, Settings
 from persona_tasks.errors import PersonaEtlError
 from persona_tasks.labelling.text import FORMAT_WORDS, GENERIC_PERSONA_WORDS, STOP_WORDS, content_words, words
 from persona_tasks.progress import Progress, set_threads
-from persona_tasks.warehouse import query_pl, transaction
+from persona_tasks.warehouse import query_pl, query_row, transaction
 
 log = logging.getLogger(__name__)
 
@@ -510,7 +510,7 @@ def load_run(con: duckdb.DuckDBPyConnection, run_date: date, model_version: str,
             SELECT p.persona_id, p.user_id, p.cluster_id, p.label, p.description, e.embedding
             FROM personas.staged_personas p {filt}
             JOIN personas.staged_persona_embeddings e USING (persona_id, run_date)
-            WHERE p.run_date = $d
+            WHERE p.run_date = $d AND p.change <> 'unchanged'
             """, {"d": run_date}).sort("user_id", "cluster_id", "persona_id")
         memories = query_pl(
             con, f"""
@@ -587,9 +587,11 @@ def score_run(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date
     t0 = time.perf_counter()
     set_threads(settings.threads)
     ensure_schema(con)
-    staged = query_pl(con, "SELECT DISTINCT user_id FROM personas.staged_personas WHERE run_date = $d ORDER BY 1",
-                      {"d": run_date})["user_id"].to_list()
-    if not staged:
+    # personas staged "unchanged" (same label and evidence as their published version) keep their scores
+    staged = query_pl(con, "SELECT DISTINCT user_id FROM personas.staged_personas WHERE run_date = $d "
+                           "AND change <> 'unchanged' ORDER BY 1", {"d": run_date})["user_id"].to_list()
+    if not staged and not query_row(con, "SELECT count(*) FROM personas.induction_runs WHERE run_date = $d",
+                                    {"d": run_date})[0]:
         raise QualityError(f"nothing staged for run date {run_date}: run the label step first")
     user_ids = staged if users is None else sorted(set(staged) & set(users))
     version = run_model_version(con, run_date)
@@ -611,6 +613,8 @@ def score_run(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date
             out = score_loaded(cfg, data, claims, embed_claims(embedder, claims), progress)
             frames.append(pl.DataFrame({"persona_id": data.personas["persona_id"],
                                         **{k: pl.Series(k, v, dtype=pl.Float64) for k, v in out.items()}}))
+    if not frames:  # every staged persona is unchanged: nothing to score
+        return QualityReport(run_date, 0, 0, 0, 0, time.perf_counter() - t0, {})
     scores = pl.concat(frames).with_columns(pl.col(k).fill_nan(None) for k in (*SCORES, "objective"))
     con.register("_quality_scores", scores.to_arrow())
     try:
@@ -618,7 +622,7 @@ def score_run(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date
             # reset first: a persona that cannot be scored now must not keep a stale score
             only = "" if users is None else " AND persona_id IN (SELECT persona_id FROM _quality_scores)"
             con.execute("UPDATE personas.staged_personas SET cohesion = NULL, alignment = NULL, truthfulness = NULL, "
-                        f"objective = NULL WHERE run_date = $d{only}", {"d": run_date})
+                        f"objective = NULL WHERE run_date = $d AND change <> 'unchanged'{only}", {"d": run_date})
             con.execute("UPDATE personas.staged_personas p SET cohesion = s.cohesion, alignment = s.alignment, "
                         "truthfulness = s.truthfulness, objective = s.objective FROM _quality_scores s "
                         "WHERE p.persona_id = s.persona_id AND p.run_date = $d", {"d": run_date})

@@ -22,16 +22,10 @@ import duckdb
 
 from persona_tasks.config import Settings
 from persona_tasks.errors import PersonaEtlError
+from persona_tasks.publish import VIEWS  # the warehouse's views, recreated in the copy over the copied tables
 
 log = logging.getLogger(__name__)
 
-# views recreated in the serving copy (they read the copied tables)
-VIEWS = {
-    "personas.current_personas": """
-        SELECT p.* FROM personas.personas p
-        JOIN (SELECT user_id, max(run_date) AS run_date FROM personas.personas GROUP BY user_id) latest
-          USING (user_id, run_date)""",
-}
 
 
 def serving_path(settings: Settings) -> Path:

@@ -12,6 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from persona_tasks.config import load_settings
 from persona_tasks.dbt_runner import build
+from persona_tasks.errors import PersonaEtlError
 from persona_tasks.induce import induce, label_step, report_dict
 from persona_tasks.ingest import ingest_files
 from persona_tasks.publish import publish_run
@@ -133,13 +134,14 @@ def test_evidence_is_the_persona_cluster_of_the_same_user(warehouse):
     with connect(settings) as con:
         bad = query_row(con, """
             SELECT count(*) FROM personas.persona_evidence e
-            JOIN personas.personas p USING (persona_id, run_date)
+            JOIN personas.persona_history p USING (persona_id, version)
             LEFT JOIN personas.memory_clusters c ON c.memory_id = e.memory_id
             WHERE c.user_id IS DISTINCT FROM p.user_id OR c.cluster_id IS DISTINCT FROM p.cluster_id
                OR e.user_id <> p.user_id""")[0]
         mismatch = query_row(con, """
-            SELECT count(*) FROM personas.personas p
-            WHERE n_evidence <> (SELECT count(*) FROM personas.persona_evidence e WHERE e.persona_id = p.persona_id)
+            SELECT count(*) FROM personas.persona_history p
+            WHERE n_evidence <> (SELECT count(*) FROM personas.persona_evidence e WHERE e.persona_id = p.persona_id
+                                 AND e.version = p.version)
                OR n_evidence = 0 OR length(label) = 0 OR length(description) = 0""")[0]
         sims = query_row(con, "SELECT min(similarity), max(similarity), bool_or(is_cited) "
                               "FROM personas.persona_evidence")
@@ -209,15 +211,24 @@ def test_run_date_uses_only_memories_up_to_that_day(warehouse):
     settings, _, report = warehouse
     first_day = date(2026, 1, 1)
     with connect(settings) as con:
-        r = induce(settings, labeller="extractive", run_date=first_day, con=con)
+        before = {t: checksum(con, t) for t in PUBLISHED}
+        # an earlier day than the latest published one, with a different result: refused without rewind
+        with pytest.raises(PersonaEtlError, match="rewind"):
+            induce(settings, labeller="extractive", run_date=first_day, con=con)
+        assert {t: checksum(con, t) for t in PUBLISHED} == before
+        r = induce(settings, labeller="extractive", run_date=first_day, con=con, rewind=True)
         later = query_row(con, """
             SELECT count(*) FROM personas.persona_evidence e JOIN marts.intent_memories m USING (memory_id)
-            WHERE e.run_date = $d AND m.event_date > $d""", {"d": first_day})[0]
-        current = query_row(con, "SELECT count(DISTINCT run_date) FROM personas.current_personas")[0]
+            WHERE e.valid_from = $d AND m.event_date > $d""", {"d": first_day})[0]
+        current = query_row(con, "SELECT count(DISTINCT run_date), min(run_date) FROM personas.current_personas")
+        published = query_row(con, "SELECT list(run_date ORDER BY run_date) FROM personas.induction_runs "
+                                    "WHERE published_at IS NOT NULL")[0]
     assert r.n_personas > 0 and later == 0
-    assert current == 1  # current_personas shows each user's latest run only
-    # restore the latest day's clusters for any later test
+    assert current == (1, first_day) and published == [first_day]  # the later day was undone: rerun it
+    # rerunning the later day restores it (the day's input is what it was)
     induce(settings, labeller="extractive", run_date=report.run_date)
+    with connect(settings) as con:
+        assert query_row(con, "SELECT max(run_date) FROM personas.current_personas")[0] == report.run_date
 
 
 @pytest.mark.slow

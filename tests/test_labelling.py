@@ -595,3 +595,19 @@ def test_a_content_free_sentence_of_a_model_description_is_dropped():
     bad = check_persona("Crime and drama", "Reads about the in. Plans the with.", ["m1"], {"m1": "x"}, CFG,
                         grounding_texts=shown)
     assert "description_no_content" in bad.problems
+
+
+def test_extractive_labels_of_one_user_are_distinct():
+    """Two clusters with no distinctive terms would both be "Mixed activity": the persona gate blocks duplicate
+    labels of one user, so the labeller numbers the repeats."""
+    from persona_tasks.labelling import ClusterInput, ExtractiveLabeller
+
+    same = ["[rare] [rare]", "[rare]"]
+    clusters = [ClusterInput(user_id="u", cluster_id=str(k), memory_ids=[f"m{k}a", f"m{k}b"], memory_texts=same)
+                for k in range(3)]
+    labels = [p.label for p in ExtractiveLabeller().label(clusters)]
+    assert len({lab.lower() for lab in labels}) == 3
+    assert labels[0] == "Mixed activity" and labels[1:] == ["Mixed activity (2)", "Mixed activity (3)"]
+    # another user's identical clusters are numbered on their own
+    other = [ClusterInput(user_id="v", cluster_id="0", memory_ids=["x", "y"], memory_texts=same)]
+    assert ExtractiveLabeller().label(clusters[:1] + other)[1].label == "Mixed activity"

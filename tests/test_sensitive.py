@@ -81,8 +81,10 @@ def _stage(settings, con, embedder, run_date):
         "persona_id": f"p-{n}", "user_id": f"u-{n}", "run_date": run_date, "cluster_id": 0,
         "label": PLANTED[n].split(".")[0], "description": PLANTED[n].split(". ", 1)[1], "n_evidence": 1,
         "labeller": "extractive", "model_version": "extractive-ctfidf-v1", "is_fallback": False,
+        "change": "appeared", "version": 1, "first_seen": run_date, "content_hash": f"h-{n}",
         "run_id": "r1", "created_at": now} for n in names],
-        schema_overrides={"run_date": pl.Date, "cluster_id": pl.Int32, "n_evidence": pl.Int32})
+        schema_overrides={"run_date": pl.Date, "first_seen": pl.Date, "cluster_id": pl.Int32, "n_evidence": pl.Int32,
+                          "version": pl.Int32})
     evidence = pl.DataFrame([{"persona_id": f"p-{n}", "run_date": run_date, "user_id": f"u-{n}",
                               "memory_id": f"m-{n}", "similarity": 0.5, "centrality": 1.0, "is_cited": True}
                              for n in names], schema_overrides={"run_date": pl.Date})
@@ -137,7 +139,7 @@ def test_demo_showcases_unflagged_users_by_its_rule_with_masked_snippets(tmp_pat
                     "FROM (VALUES ('neutral'), ('health'), ('religion'), ('sexual_content'), ('political_views')) v(n)")
         publish_run(settings, con, run_date)
         # the neutral persona as if the LLM had written it; the flagged religion one too (never shown)
-        con.execute("UPDATE personas.personas SET labeller = 'llm', objective = 0.8 "
+        con.execute("UPDATE personas.persona_history SET labeller = 'llm', objective = 0.8 "
                     "WHERE persona_id IN ('p-neutral', 'p-religion')")
         users, rule = showcase_users(con, n_users=5)
     # every other planted persona is in a flagged category: only the neutral user may be shown

@@ -186,7 +186,7 @@ def _matrix(col) -> np.ndarray:
 def topic_mix_distance(settings: Settings, con, day: date, previous: date) -> float | None:
     """JS distance of the staged run's topic mix from the ``previous`` published run's (None without topics)."""
     prev = con.execute("SELECT p.topic_id, e.embedding FROM personas.personas p JOIN personas.persona_embeddings e "
-                       "USING (persona_id, run_date) WHERE p.run_date = $d ORDER BY p.persona_id",
+                       "USING (persona_id, version) WHERE p.run_date = $d ORDER BY p.persona_id",
                        {"d": previous}).fetchall()
     staged = con.execute("SELECT embedding FROM personas.staged_persona_embeddings WHERE run_date = $d "
                          "ORDER BY persona_id", {"d": day}).fetchall()

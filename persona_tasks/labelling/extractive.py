@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
+from dataclasses import replace
 from functools import lru_cache
 
 from persona_tasks.config import LabellingSettings, Settings
@@ -168,7 +169,26 @@ class ExtractiveLabeller:
             scores = ctfidf_scores(classes)
             for j, i in enumerate(idxs):
                 out[i] = self._one(clusters[i], scores[j])
+            for i, lab in zip(idxs, self._distinct([out[i] for i in idxs])):
+                out[i] = lab
         return [p for p in out if p is not None]
+
+    def _distinct(self, labels: list[PersonaLabel | None]) -> list[PersonaLabel | None]:
+        """One user's labels made distinct (the persona gate blocks duplicates): a repeated label, e.g. two
+        clusters with no distinctive terms ("Mixed activity"), gets " (2)", " (3)", ... in cluster order."""
+        seen: dict[str, int] = {}
+        for k, lab in enumerate(labels):
+            if lab is None:
+                continue
+            key = lab.label.strip().lower()
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] == 1:
+                continue
+            words = lab.label.split()
+            while len(words) > 1 and len(words) + 1 > self.cfg.label_max_words:
+                words.pop()
+            labels[k] = replace(lab, label=f"{' '.join(words)} ({seen[key]})")
+        return labels
 
     def _one(self, c: ClusterInput, scores: dict[str, float]) -> PersonaLabel:
         cfg = self.cfg

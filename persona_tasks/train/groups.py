@@ -171,7 +171,7 @@ def load_training_clusters(settings: Settings, con: Any, as_of: date | None = No
                e.memory_id, coalesce(e.centrality, 0.0) AS centrality, coalesce(m.embedding_text, '') AS text,
                m.started_at, m.source, me.embedding
         FROM personas.personas p JOIN runs USING (user_id, run_date)
-        JOIN personas.persona_evidence e ON e.persona_id = p.persona_id AND e.run_date = p.run_date
+        JOIN personas.persona_evidence e ON e.persona_id = p.persona_id AND e.version = p.version
         JOIN marts.intent_memories m ON m.memory_id = e.memory_id
         LEFT JOIN personas.memory_embeddings me ON me.memory_id = e.memory_id AND me.model_version = $v
         """, {"a": start, "b": as_of, "v": embedder.model_version})
