@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -69,10 +70,11 @@ def publish_serving(settings: Settings, run_date: date | None = None) -> dict:
     out = duckdb.connect(str(tmp))
     try:
         out.execute("SET TimeZone = 'UTC'")
+        copied = set(settings.serving.tables)
         for view, sql in VIEWS.items():
-            schema, _ = _split(view)
-            needs = [t for t in settings.serving.tables if t.startswith(schema + ".")]
-            if needs:
+            # a view is recreated when every table it reads was copied
+            reads = set(re.findall(r"\b(personas\.\w+)\b", sql)) - set(VIEWS)
+            if reads <= copied:
                 out.execute(f"CREATE OR REPLACE VIEW {view} AS {sql}")
         out.execute("CREATE SCHEMA IF NOT EXISTS ops")
         out.execute("CREATE TABLE ops.serving_info (run_date DATE, published_at TIMESTAMP, source_warehouse "

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import threading
+from datetime import date
 from pathlib import Path
 
 import duckdb
@@ -366,26 +367,40 @@ def test_serving_copy_is_swapped_atomically(tmp_path):
     from persona_tasks.serving import connect_serving, publish_serving, serving_path
     from persona_tasks.warehouse import connect
 
-    s = _settings(tmp_path, serving=ServingSettings(tables=["personas.personas"]))
+    tables = ["personas.persona_history", "personas.induction_runs"]
+    s = _settings(tmp_path, serving=ServingSettings(tables=tables))
     con = connect(s)
-    con.execute("CREATE SCHEMA personas; CREATE TABLE personas.personas (user_id VARCHAR, run_date DATE, label VARCHAR)")
-    con.execute("INSERT INTO personas.personas VALUES ('u1', DATE '2006-03-01', 'old')")
+    con.execute("CREATE SCHEMA personas; CREATE TABLE personas.persona_history (user_id VARCHAR, label VARCHAR, "
+                "is_current BOOLEAN, valid_from DATE, valid_to DATE, persona_id VARCHAR DEFAULT 'p', version INTEGER "
+                "DEFAULT 1, change VARCHAR DEFAULT 'appeared', ended VARCHAR, description VARCHAR DEFAULT '', "
+                "first_seen DATE DEFAULT DATE '2006-03-01'); "
+                "CREATE TABLE personas.induction_runs (run_date DATE, published_at TIMESTAMP)")
+    con.execute("INSERT INTO personas.persona_history (user_id, label, is_current, valid_from) "
+                "VALUES ('u1', 'old', true, DATE '2006-03-01')")
+    con.execute("INSERT INTO personas.induction_runs VALUES (DATE '2006-03-01', now())")
     con.close()
     publish_serving(s)
     reader = connect_serving(s)  # an analyst's session, open while the next run publishes
     con = connect(s)
-    con.execute("INSERT INTO personas.personas VALUES ('u1', DATE '2006-03-02', 'new')")
+    con.execute("UPDATE personas.persona_history SET is_current = false, valid_to = DATE '2006-03-02'")
+    con.execute("INSERT INTO personas.persona_history (user_id, label, is_current, valid_from) "
+                "VALUES ('u1', 'new', true, DATE '2006-03-02')")
+    con.execute("INSERT INTO personas.induction_runs VALUES (DATE '2006-03-02', now())")
     con.close()
     out = publish_serving(s)
-    assert out["rows"] == {"personas.personas": 2}
+    assert out["rows"] == {"personas.persona_history": 2, "personas.induction_runs": 2}
     # the open session keeps reading the copy it opened (never half a run); a new one sees the new run
-    assert reader.execute("SELECT count(*) FROM personas.personas").fetchall() == [(1,)]
+    assert reader.execute("SELECT label FROM personas.current_personas").fetchall() == [("old",)]
     reader.close()
     fresh = connect_serving(s)
     try:
-        assert fresh.execute("SELECT label FROM personas.current_personas").fetchall() == [("new",)]
+        assert fresh.execute("SELECT label, run_date FROM personas.current_personas").fetchall() == [
+            ("new", date(2006, 3, 2))]
+        # the as-of view over the copied history: one persona per published run date
+        assert fresh.execute("SELECT run_date, label FROM personas.personas ORDER BY 1").fetchall() == [
+            (date(2006, 3, 1), "old"), (date(2006, 3, 2), "new")]
         with pytest.raises(duckdb.Error):
-            fresh.execute("DELETE FROM personas.personas")  # read-only
+            fresh.execute("DELETE FROM personas.persona_history")  # read-only
     finally:
         fresh.close()
     # no temporary files left beside the copy

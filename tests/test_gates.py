@@ -300,9 +300,9 @@ def test_topic_mix_drift_warns_and_publishes(wh, webhook):
     with connect(settings) as con:
         prev = query_row(con, "SELECT max(run_date) FROM personas.personas WHERE run_date < $d", {"d": D2})[0]
         vec = query_row(con, "SELECT e.embedding FROM personas.personas p JOIN personas.persona_embeddings e "
-                             "USING (persona_id, run_date) WHERE p.run_date = $d AND p.topic_id = (SELECT topic_id "
-                             "FROM personas.persona_topics WHERE run_date = $d ORDER BY n_personas DESC LIMIT 1) "
-                             "LIMIT 1", {"d": prev})[0]
+                             "USING (persona_id, version) WHERE p.run_date = $d AND p.topic_id = (SELECT topic_id "
+                             "FROM personas.persona_topics WHERE run_date <= $d ORDER BY run_date DESC, n_personas "
+                             "DESC LIMIT 1) LIMIT 1", {"d": prev})[0]
         con.execute("UPDATE personas.staged_persona_embeddings SET embedding = $v WHERE run_date = $d",
                     {"v": vec, "d": D2})
     n = len(webhook[1])

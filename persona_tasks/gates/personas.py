@@ -104,7 +104,9 @@ CHECKS: tuple[Check, ...] = (
                    _QUALITY_DO.format(k=k),
                    (f"SELECT labeller, count(*) AS n, avg({k}) AS {k} FROM personas.staged_personas WHERE "
                     "run_date = $d GROUP BY 1",
-                    f"SELECT run_date, avg({k}) AS {k} FROM personas.personas GROUP BY 1 ORDER BY 1 DESC LIMIT 7")))
+                    f"SELECT run_date, avg({k}) AS {k} FROM personas.personas WHERE run_date IN "
+                    "(SELECT run_date FROM personas.induction_runs WHERE published_at IS NOT NULL "
+                    "ORDER BY run_date DESC LIMIT 7) GROUP BY 1 ORDER BY 1 DESC")))
       for k in SCORES),
     *(Check(f"score_range_{k}", "personas",
             (lambda k: lambda s, d: _gx().ExpectColumnValuesToBeBetween(column=k, min_value=0.0, max_value=1.0))(k),
@@ -156,7 +158,9 @@ CHECKS: tuple[Check, ...] = (
                  _DRIFT_DO,
                  ("SELECT 'staged' AS run, count(*) / count(DISTINCT user_id) AS per_user FROM "
                   "personas.staged_personas WHERE run_date = $d UNION ALL SELECT run_date::VARCHAR, "
-                  "count(*) / count(DISTINCT user_id) FROM personas.personas WHERE run_date < $d GROUP BY 1 "
+                  "count(*) / count(DISTINCT user_id) FROM personas.personas WHERE run_date < $d AND run_date IN "
+                  "(SELECT run_date FROM personas.induction_runs WHERE published_at IS NOT NULL ORDER BY run_date "
+                  "DESC LIMIT 8) GROUP BY 1 "
                   "ORDER BY 1 DESC LIMIT 8",))),
     Check("topic_mix_drift", "run",
           lambda s, d: metric("topic_js_distance", max_value=s.gates.max_topic_js_distance, exempt_when_null=True),
@@ -168,7 +172,7 @@ CHECKS: tuple[Check, ...] = (
                  "The last published run's topics with their shares:",
                  _DRIFT_DO,
                  ("SELECT topic_id, label, n_personas FROM personas.persona_topics WHERE run_date = (SELECT "
-                  "max(run_date) FROM personas.personas WHERE run_date < $d) ORDER BY n_personas DESC LIMIT 20",))),
+                  "max(run_date) FROM personas.persona_topics WHERE run_date < $d) ORDER BY n_personas DESC LIMIT 20",))),
 )
 
 
@@ -235,7 +239,8 @@ def load(settings: Settings, con, day: date, _inputs: Any = None) -> tuple[dict,
     coverage = cov[0][0] if cov else None
     n_asked = int(((frame["labeller"] == "llm") | frame["is_fallback"]).sum()) if n else 0
     n_fallback = int(frame["is_fallback"].sum()) if n else 0
-    previous = con.execute("SELECT max(run_date) FROM personas.personas WHERE run_date < $d", {"d": day}).fetchall()
+    previous = con.execute("SELECT max(run_date) FROM personas.induction_runs WHERE run_date < $d "
+                           "AND published_at IS NOT NULL", {"d": day}).fetchall()
     previous = previous[0][0] if previous else None
     ppu_change = js = None
     if previous is not None and n:

@@ -1,8 +1,8 @@
 """Preference groups for labeller training, from published runs: K sampled candidates per cluster, validated,
 scored with the quality objective, ranked, stored (``training.preference_groups`` / ``preference_candidates``).
 
-Which clusters (``load_training_clusters``): the published personas (``personas.personas``) of each user's latest
-run in the window ``[as_of - window_days + 1, as_of]``; a cluster is the persona's evidence
+Which clusters (``load_training_clusters``): the published personas (``personas.persona_history``) valid at
+``as_of`` of each user with a persona version published in the window ``[as_of - window_days + 1, as_of]``; a cluster is the persona's evidence
 (``personas.persona_evidence``) with the memories' ``embedding_text``. Never an evaluation future: per (source,
 user) every memory from the start of the user's evaluation future on (``persona_tasks.evaluate``'s split, same
 settings) is removed. Users are split by ``md5(seed:user_id)``: a ``[training] holdout_fraction`` of them is
@@ -159,21 +159,23 @@ def load_training_clusters(settings: Settings, con: Any, as_of: date | None = No
 
     embedder = embedder or embedder_from_settings(settings)
     if as_of is None:
-        row = con.execute("SELECT max(run_date) FROM personas.personas").fetchall()
+        row = con.execute("SELECT max(run_date) FROM personas.induction_runs WHERE published_at IS NOT NULL").fetchall()
         if not row or row[0][0] is None:
             raise GroupsError("no published personas: run the daily DAG (or `persona-etl induce`) first")
         as_of = row[0][0]
     start = as_of - timedelta(days=settings.training.window_days - 1)
     frame = query_pl(con, """
-        WITH runs AS (SELECT user_id, max(run_date) AS run_date FROM personas.personas
-                      WHERE run_date BETWEEN $a AND $b GROUP BY user_id)
-        SELECT p.user_id, p.run_date, p.cluster_id, coalesce(len(p.sensitive_categories), 0) > 0 AS sensitive,
+        SELECT p.user_id, p.valid_from AS run_date, p.cluster_id,
+               coalesce(len(p.sensitive_categories), 0) > 0 AS sensitive,
                e.memory_id, coalesce(e.centrality, 0.0) AS centrality, coalesce(m.embedding_text, '') AS text,
                m.started_at, m.source, me.embedding
-        FROM personas.personas p JOIN runs USING (user_id, run_date)
+        -- the personas valid at the window's end of the users with a version published in the window
+        FROM personas.persona_history p
         JOIN personas.persona_evidence e ON e.persona_id = p.persona_id AND e.version = p.version
         JOIN marts.intent_memories m ON m.memory_id = e.memory_id
         LEFT JOIN personas.memory_embeddings me ON me.memory_id = e.memory_id AND me.model_version = $v
+        WHERE p.valid_from <= $b AND (p.valid_to IS NULL OR p.valid_to > $b) AND p.user_id IN
+              (SELECT user_id FROM personas.persona_history WHERE valid_from BETWEEN $a AND $b)
         """, {"a": start, "b": as_of, "v": embedder.model_version})
     if frame.is_empty():
         raise GroupsError(f"no published personas with run_date in {start}..{as_of}")

@@ -38,7 +38,8 @@ def _latest_run_date(settings: Settings, not_after: date | None = None) -> date:
 
     con = connect_read_only(settings)
     try:
-        row = con.execute("SELECT max(run_date) FROM personas.personas WHERE run_date <= $d",
+        row = con.execute("SELECT max(run_date) FROM personas.induction_runs WHERE run_date <= $d "
+                          "AND published_at IS NOT NULL",
                           {"d": not_after or date(9999, 12, 31)}).fetchall()
     except Exception as e:  # noqa: BLE001 - no persona tables yet
         raise PersonaEtlError("no published personas: run the daily DAG (or `persona-etl induce`) first") from e
