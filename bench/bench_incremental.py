@@ -169,8 +169,9 @@ def summary(run: dict) -> dict:
         out["day_last_over_day2_seconds"] = round(last["seconds"] / by[2]["seconds"], 3)
     act = np.array([d["active_users"] for d in days], dtype=float)
     rows = np.array([d["rows_written"] for d in days], dtype=float)
-    if len(days) > 2 and act.std() > 0:
+    if act.sum() > 0:
         out["rows_per_active_user"] = round(float(rows.sum() / act.sum()), 2)
+    if len(days) > 2 and act.std() > 0:
         out["corr_rows_active"] = round(float(np.corrcoef(act, rows)[0, 1]), 3)
     out["labelled_equals_changed_or_new"] = all(
         d["clusters_labelled"] <= d["appeared"] + d["changed"] for d in days)

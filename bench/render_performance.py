@@ -505,6 +505,37 @@ def gates_docs_table(d) -> str:
     return "\n".join(out)
 
 
+def incremental_table(run) -> str:
+    """Per day of bench_incremental: activity, persona changes, rows written and seconds (with the main steps)."""
+    out = ["| day | active users | re-clustered | labelled | appeared | changed | unchanged | retired | rows written "
+           "| build s | embed+cluster s | label+score s | gates s | publish+serve s | total s |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for d in run.days:
+        st = d.step_seconds
+        out.append(
+            f"| {d.day} | {d.active_users:,} | {d.reclustered_users:,} | {d.clusters_labelled:,} | {d.appeared:,} | "
+            f"{d.changed:,} | {d.unchanged:,} | {d.retired:,} | {d.rows_written:,} | {st.build:.1f} | "
+            f"{st.embed + st.cluster + st.store_clusters:.1f} | {st.label + st.score:.1f} | "
+            f"{st.gate_raw + st.gate_memories + st.gate_personas:.1f} | {st.publish + st.serve:.1f} | "
+            f"{d.seconds:.1f} |")
+    return "\n".join(out)
+
+
+def incremental_full_table(run) -> str:
+    """The full rebuild of some days of bench_incremental beside the incremental run of the same day."""
+    by = {d.day: d for d in run.days}
+    out = ["| day | path | users re-clustered | labelled | rows written | label+score s | total s | identical |",
+           "|---:|---|---:|---:|---:|---:|---:|---|"]
+    for f in run.full:
+        i = by[f.day]
+        for name, d, same in (("incremental", i, ""), ("full rebuild", f, "yes" if f.identical_to_incremental
+                                                          else "no")):
+            st = d.step_seconds
+            out.append(f"| {f.day} | {name} | {d.reclustered_users:,} | {d.clusters_labelled:,} | "
+                       f"{d.rows_written:,} | {st.label + st.score:.1f} | {d.seconds:.1f} | {same} |")
+    return "\n".join(out)
+
+
 def daily_estimate_table(est) -> str:
     out = ["| step | seconds | how |", "|---|---:|---|"]
     total = 0.0
@@ -544,7 +575,7 @@ HELPERS: dict[str, Callable] = {
         static_quality_table, clustering_table, clustering_verdict, clustering_text_table, labelling_table,
         extractive_line, best_run, per_cluster, arm_of, labelling_arms_table, arms_setup, quality_auc_table,
         evaluate_timings_table, daily_table, step_seconds, steps_total, daily_estimate_table, estimate_total, gates_total,
-        gates_cost_table, gates_docs_table)
+        gates_cost_table, gates_docs_table, incremental_table, incremental_full_table)
 } | {"sum": sum, "min": min, "max": max, "len": len, "round": round, "abs": abs, "sorted": sorted, "all": all,
      "any": any, "str": str}
 

@@ -95,20 +95,22 @@ def cluster_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: d
 def load_cluster_inputs(con: duckdb.DuckDBPyConnection, run_date: date,
                         users: list[str] | None = None) -> pl.DataFrame:
     """One row per stored (user, cluster): memory ids, texts and centrality, most central first (memories that
-    started before the end of ``run_date`` only: users with no memory up to that day keep older clusters)."""
-    df = query_pl(
-        con, """
+    started before the end of ``run_date`` only: users with no memory up to that day keep older clusters);
+    only ``users``' clusters when given (filtered in SQL: a day reads its active users only)."""
+    only = "" if users is None else "AND c.user_id IN (SELECT unnest($u))"
+    params: dict = {"end": day_end(run_date)}
+    if users is not None:
+        params["u"] = list(users)
+    return query_pl(
+        con, f"""
         SELECT c.user_id, c.cluster_id, list(c.memory_id ORDER BY c.centrality DESC, c.memory_id) AS memory_ids,
                list(m.embedding_text ORDER BY c.centrality DESC, c.memory_id) AS memory_texts,
                list(c.centrality ORDER BY c.centrality DESC, c.memory_id) AS centrality
         FROM personas.memory_clusters c JOIN marts.intent_memories m USING (memory_id)
-        WHERE c.cluster_id IS NOT NULL AND m.started_at < $end
+        WHERE c.cluster_id IS NOT NULL AND m.started_at < $end {only}
         GROUP BY c.user_id, c.cluster_id
         ORDER BY c.user_id, c.cluster_id
-        """, {"end": day_end(run_date)})
-    if users is not None:
-        df = df.filter(pl.col("user_id").is_in(users))
-    return df
+        """, params)
 
 
 def _llm_users(user_ids: list[str], llm_max_users: int | None) -> set[str]:
