@@ -194,6 +194,9 @@ class TopicsSettings(BaseModel):
     # topics are refitted over every current persona when the latest fit is this many days old (and on a full
     # rebuild); on other days only new persona versions join the latest fit's nearest topic (cost follows activity)
     refit_days: int = Field(default=7, ge=1)
+    # a refit clusters at most this many current personas (a stable sample); all of them then join the nearest
+    # topic (cosine to its centroid at least join_min_similarity), so its cost stays bounded
+    fit_sample: int = Field(default=5000, ge=10)
 
 
 class IncrementalSettings(BaseModel):

@@ -26,6 +26,7 @@ Published tables and views (schema ``personas``; columns in docs/tables.md, the 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -467,8 +468,24 @@ def _refit_topics(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: 
     if rows.is_empty():
         return 0
     x = embeddings_to_numpy(rows["embedding"])
-    topic = topic_clusters(x, settings.topics.min_cluster_share, settings.topics.join_min_similarity,
-                           seed=settings.clustering.seed)
+    cfg = settings.topics
+    if rows.height > cfg.fit_sample:
+        # fit on a stable sample (by md5 of persona_id), then every persona joins its nearest topic: the refit's
+        # cost stays bounded however many personas there are
+        keys = [hashlib.md5(p.encode()).hexdigest() for p in rows["persona_id"].to_list()]
+        idx = np.sort(np.argsort(np.array(keys), kind="stable")[:cfg.fit_sample])
+        fitted = topic_clusters(x[idx], cfg.min_cluster_share, cfg.join_min_similarity, seed=settings.clustering.seed)
+        k = int(fitted.max()) + 1
+        topic = np.full(rows.height, -1, dtype=np.int64)
+        if k > 0:
+            cent = np.stack([x[idx][fitted == t].mean(axis=0) for t in range(k)])
+            cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
+            sim = x @ cent.T
+            best = sim.argmax(axis=1)
+            topic = np.where(sim[np.arange(rows.height), best] >= cfg.join_min_similarity, best, -1)
+        log.info("topics: fitted on %d of %d current personas, %d topics", len(idx), rows.height, k)
+    else:
+        topic = topic_clusters(x, cfg.min_cluster_share, cfg.join_min_similarity, seed=settings.clustering.seed)
     rows = rows.with_columns(pl.Series("topic", topic))
     # number topics by size (desc), ties by smallest persona_id: deterministic ids
     order = (rows.filter(pl.col("topic") >= 0).group_by("topic")

@@ -58,6 +58,7 @@ def _settings(root: Path, models: Path):
     return load_settings(
         warehouse=root / "wh" / "warehouse.duckdb", threads=2, models_dir=models, embedding={"backend": "static"},
         dbt={"target_path": root / "dbt_target"},
+        topics={"fit_sample": 60, "refit_days": 3},  # refits on a sample: the bounded-cost path at test scale
         orchestration={"landing_dir": str(root / "landing"), "landing_format": "aol", "n_shards": 2,
                        "work_dir": root / "work"})
 
@@ -137,6 +138,25 @@ def test_ids_are_stable_and_changes_are_versions(runs):
     assert continued > 0  # personas kept their id across days
     assert chains == 0 and reused == 0
     assert current[0] == current[1] == snapshot and current[2] == 0
+
+
+def test_topics_refit_on_schedule_and_new_versions_join_the_latest_fit(runs):
+    settings, _ = runs["incremental"]
+    with connect(settings) as con:
+        fits = [r[0] for r in con.execute("SELECT DISTINCT run_date FROM personas.persona_topics ORDER BY 1")
+                .fetchall()]
+        dangling = query_row(con, "SELECT count(*) FROM personas.current_personas p WHERE topic_id IS NOT NULL "
+                                  "AND topic_id NOT IN (SELECT topic_id FROM personas.persona_topics)")[0]
+        on_topic, n = query_row(con, "SELECT count(topic_id), count(*) FROM personas.current_personas")
+        # a version made between fits joined a topic of the fit before it (kept once the version was replaced)
+        later = query_row(con, "SELECT count(*) FROM personas.persona_history h JOIN personas.persona_topics t "
+                               "USING (topic_id) WHERE t.run_date = $first AND h.valid_from > $first "
+                               "AND h.valid_from < $refit", {"first": fits[0], "refit": fits[-1]})[0]
+        sizes = query_row(con, "SELECT sum(n_personas) FROM personas.persona_topics WHERE run_date = $d",
+                          {"d": fits[0]})[0]
+    assert fits == [DAYS[0], DAYS[3]]  # day 1 (no fit yet), then every refit_days = 3
+    assert dangling == 0 and 0 < on_topic <= n and later > 0
+    assert sizes > 60  # the first fit clustered a sample of 60, then every persona joined its nearest topic
 
 
 def test_evidence_grows_with_changes_not_with_days(runs):
