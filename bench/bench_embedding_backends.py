@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Benchmark: the embedding step's backends on CPU (issue 15 section 5): MiniLM in torch against the same model
-exported to ONNX and run by ONNX Runtime, each in fp32 and int8.
+exported to ONNX and run by ONNX Runtime, each in fp32 and int8, and by OpenVINO.
 
 Memories: the first ``--n`` (default 2000) memories by ``(started_at, memory_id)`` of a fresh warehouse built in a
 temporary folder from the bundled AOL sample (``data/aol/aol_sample.tsv.gz``: real ingest + dbt build, helpers of
@@ -12,6 +12,8 @@ deduplicated as embed.py does (each distinct text encoded once) and encoded, in 
   transformer+int8   the same with ``quantize = true`` (torch int8 dynamic quantisation of nn.Linear)
   onnx               OnnxEmbedder (``backend = "onnx"``): the model exported once to ONNX, ONNX Runtime, fp32
   onnx+int8          the same with ``quantize = true`` (ONNX Runtime int8 dynamic quantisation of MatMul weights)
+  openvino           OpenVinoEmbedder (``backend = "openvino"``): the fp32 export compiled by OpenVINO, in its default
+                     precision for the CPU (bf16 where the CPU has bf16 instructions; the model_version says which)
 
 Rounds interleave the variants (load from other processes hits them alike); each variant's fastest round counts.
 memories/s = sample memories / encoding seconds (model load and the one-off export not counted; the export time
@@ -52,7 +54,7 @@ from bench_embedding import build_aol_warehouse, encode_timed, quality  # noqa: 
 from persona_tasks.config import load_settings  # noqa: E402
 from persona_tasks.progress import set_threads  # noqa: E402
 
-VARIANTS = ("transformer", "transformer+int8", "onnx", "onnx+int8")
+VARIANTS = ("transformer", "transformer+int8", "onnx", "onnx+int8", "openvino")
 
 
 def read_texts(settings, n: int) -> list[str]:
@@ -68,6 +70,8 @@ def make_embedder(name: str, models_dir: Path, threads: int, batch_size: int):
     from persona_tasks import embed as E
 
     quantize = name.endswith("+int8")
+    if name == "openvino":
+        return E.OpenVinoEmbedder(None, models_dir, batch_size=batch_size, threads=threads)
     if name.startswith("onnx"):
         return E.OnnxEmbedder(None, models_dir, batch_size=batch_size, threads=threads, quantize=quantize)
     return E.SentenceTransformerEmbedder(batch_size=batch_size, threads=threads, quantize=quantize)
@@ -142,9 +146,11 @@ def _run(args, tmp: Path) -> dict[str, Any]:
     versions = {}
     try:
         import onnxruntime
+        import openvino
         import torch
 
-        versions = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+        versions = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                    "openvino": openvino.__version__}
     except ImportError:  # pragma: no cover
         pass
     return {

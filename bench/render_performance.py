@@ -273,13 +273,14 @@ def embedding_backends_table(d) -> str:
     names = {"transformer": "`backend = \"transformer\"` (torch fp32, **default**)",
              "transformer+int8": "`backend = \"transformer\"`, `quantize = true` (torch int8)",
              "onnx": "`backend = \"onnx\"` (ONNX Runtime fp32)",
-             "onnx+int8": "`backend = \"onnx\"`, `quantize = true` (ONNX Runtime int8)"}
+             "onnx+int8": "`backend = \"onnx\"`, `quantize = true` (ONNX Runtime int8)",
+             "openvino": "`backend = \"openvino\"` (OpenVINO, its default precision for the CPU)"}
     out = ["| backend (`[embedding]` settings) | `model_version` suffix | memories/s | vs baseline | "
            "cos to baseline mean / min | memories with cos >= 0.99 |", "|---|---|---:|---:|---:|---:|"]
     for r in d.rows:
         suffix = r.model_version.split("@", 1)[1][12:] or "(none)"
         out.append(f"| {names.get(r.variant, r.variant)} | {suffix} | {r.memories_per_s:.1f} | {r.speedup:.2f}x | "
-                   f"{r.cos_mean:.4f} / {r.cos_min:.3f} | {r.share_cos_ge_0_99:.1%} |")
+                   f"{r.cos_mean:.5f} / {r.cos_min:.4f} | {r.share_cos_ge_0_99:.1%} |")
     return "\n".join(out)
 
 

@@ -80,7 +80,9 @@ class EmbeddingSettings(BaseModel):
     # "onnx": the same model exported once to ONNX into models_dir and run by ONNX Runtime (CPU only; needs
     # onnxruntime): own model_version ("+onnx", or "+onnx-int8" with quantize = true); speed and cosine to the
     # transformer in bench/results/embedding_backends_cpu.json (bench/bench_embedding_backends.py)
-    backend: Literal["transformer", "static", "onnx"] = "transformer"
+    # "openvino": that ONNX export compiled by OpenVINO for the CPU, in OpenVINO's default precision for the CPU (bf16
+    # where it has bf16 instructions, else f32), named in model_version ("+openvino-bf16"); no quantize
+    backend: Literal["transformer", "static", "onnx", "openvino"] = "transformer"
     batch_size: int = 64
     # torch device for the encoder ("cpu", "cuda", "cuda:0", ...)
     device: str = "cpu"

@@ -31,8 +31,9 @@ speed and quality trade-off is in docs/performance.md "Embedding throughput (CPU
 to the log (``persona_tasks.progress``); torch and BLAS threads are pinned to ``settings.threads``.
 
 ``[embedding] backend = "onnx"`` (``OnnxEmbedder``): the same model exported once to ONNX under ``models_dir`` and
-run by ONNX Runtime on CPU (``quantize``: ONNX Runtime int8); stored under ``+onnx`` / ``+onnx-int8``; measured in
-docs/performance.md "Exported backend: ONNX Runtime (CPU)".
+run by ONNX Runtime on CPU (``quantize``: ONNX Runtime int8); stored under ``+onnx`` / ``+onnx-int8``.
+``backend = "openvino"`` (``OpenVinoEmbedder``): that export compiled by OpenVINO (``+openvino-bf16`` or ``-f32``).
+Measured in docs/performance.md "Exported backends: ONNX Runtime and OpenVINO (CPU)".
 """
 
 from __future__ import annotations
@@ -480,7 +481,7 @@ class OnnxEmbedder:
                 self.exported = True
             try:
                 names = json.loads((self.path / "meta.json").read_text())["inputs"]
-                session = _session(self.path / "model.onnx", self.threads)
+                session = self._make_session()
             except Exception as e:  # noqa: BLE001 - any unreadable file means the same thing
                 raise EmbeddingError(f"{self.path}: cannot load the ONNX export ({e}); delete the folder to export "
                                      "it again") from e
@@ -491,6 +492,9 @@ class OnnxEmbedder:
             log.info("embedding model %s loaded (ONNX Runtime, %s threads) in %.1fs", self.model_version,
                      self.threads, time.perf_counter() - t0)
         return self._loaded
+
+    def _make_session(self):
+        return _session(self.path / "model.onnx", self.threads)
 
     @property
     def dim(self) -> int:
@@ -519,11 +523,62 @@ class OnnxEmbedder:
         return out
 
 
+class _OpenVinoSession:
+    """An OpenVINO compiled model behind the one ``onnxruntime.InferenceSession.run`` call ``OnnxEmbedder`` makes."""
+
+    def __init__(self, path: Path, threads: int | None):
+        import openvino as ov
+
+        core = ov.Core()
+        # precision: OpenVINO's own default for the CPU (bf16 where the CPU has bf16 instructions, else f32); it is
+        # read back and put into model_version, so vectors of different precisions never mix
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+            "INFERENCE_NUM_THREADS": int(threads or 1), "PERFORMANCE_HINT": "LATENCY"})
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, _outputs, feeds: dict) -> list:
+        result = self.request.infer(feeds)
+        return [np.asarray(result[self.compiled.output(0)])]
+
+    def get_outputs(self):
+        return [type("Out", (), {"shape": [None]})()]
+
+
+class OpenVinoEmbedder(OnnxEmbedder):
+    """``backend = "openvino"``: the fp32 ONNX export of ``OnnxEmbedder`` (same cache) compiled by OpenVINO for the CPU.
+    ``model_version``: ``+openvino-<precision>`` (``bf16`` on CPUs with bf16 instructions, else ``f32``), known only
+    once the model is compiled. No int8 variant (not measured)."""
+
+    def __init__(self, model_path: Path | None, models_dir: Path, **kw):
+        if kw.get("quantize"):
+            raise EmbeddingError("embedding.quantize is not available with backend = \"openvino\" (use \"onnx\")")
+        import importlib.util
+
+        if importlib.util.find_spec("openvino") is None:
+            raise EmbeddingError("embedding.backend = \"openvino\" needs openvino (pinned in requirements/lock.txt; "
+                                 "run scripts/install.sh), or use backend = \"onnx\"")
+        super().__init__(model_path, models_dir, **kw)  # sets _onnx_version through the setter below
+
+    @property
+    def model_version(self) -> str:
+        session = self._load()[0]
+        return self._onnx_version.removesuffix("+onnx") + f"+openvino-{session.precision}"
+
+    @model_version.setter
+    def model_version(self, value: str) -> None:
+        self._onnx_version = value
+
+    def _make_session(self):
+        return _OpenVinoSession(self.path / "model.onnx", self.threads)
+
+
 @lru_cache(maxsize=4)
 def cached_onnx_embedder(path: Path, models_dir: Path, batch_size: int, threads: int, max_seq_length: int | None,
-                         quantize: bool, device: str = "cpu") -> OnnxEmbedder:
+                         quantize: bool, device: str = "cpu", runtime: str = "onnx") -> OnnxEmbedder:
     """One loaded ONNX session per process and configuration."""
-    return OnnxEmbedder(path, models_dir, batch_size=batch_size, threads=threads, max_seq_length=max_seq_length,
+    return (OpenVinoEmbedder if runtime == "openvino" else OnnxEmbedder)(path, models_dir, batch_size=batch_size, threads=threads, max_seq_length=max_seq_length,
                         quantize=quantize, device=device)
 
 
@@ -537,9 +592,9 @@ def embedder_from_settings(settings: Settings) -> Embedder:
 
         path = resolve_model_path(settings)
         return cached_static_embedder(path, settings.models_dir, settings.threads, model_version_of(path))
-    if e.backend == "onnx":
+    if e.backend in ("onnx", "openvino"):
         return cached_onnx_embedder(resolve_model_path(settings), settings.models_dir, e.batch_size,
-                                    settings.threads, e.max_seq_length, e.quantize, e.device)
+                                    settings.threads, e.max_seq_length, e.quantize, e.device, e.backend)
     return SentenceTransformerEmbedder.from_settings(settings)
 
 

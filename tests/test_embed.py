@@ -361,3 +361,21 @@ def test_onnx_backend_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
     with pytest.raises(E.EmbeddingError, match="needs onnxruntime"):
         E.OnnxEmbedder(None, tmp_path)
+
+
+def test_openvino_backend_reuses_the_onnx_export_and_names_its_precision(embedder, onnx_fp32, onnx_models_dir):
+    onnx_fp32.encode([TEXTS["m1"]])  # the fp32 export exists
+    files = {p: p.stat().st_mtime_ns for p in (onnx_models_dir / "onnx").rglob("*") if p.is_file()}
+    ov = E.OpenVinoEmbedder(None, onnx_models_dir, batch_size=2, threads=1)
+    texts = list(dict.fromkeys(TEXTS.values())) + ["nph"]
+    x = ov.encode(texts)
+    assert not ov.exported and ov.path == onnx_fp32.path
+    assert {p: p.stat().st_mtime_ns for p in (onnx_models_dir / "onnx").rglob("*") if p.is_file()} == files
+    # bf16 on a CPU with bf16 instructions, else f32: either way it is in the version, and close to torch
+    assert ov.model_version in {embedder.model_version + "+openvino-bf16", embedder.model_version + "+openvino-f32"}
+    assert (x * embedder.encode(texts)).sum(axis=1).min() > 0.999
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    s = load_settings(threads=1, models_dir=onnx_models_dir, embedding={"backend": "openvino"})
+    assert isinstance(E.embedder_from_settings(s), E.OpenVinoEmbedder)
+    with pytest.raises(E.EmbeddingError, match="quantize"):
+        E.OpenVinoEmbedder(None, onnx_models_dir, quantize=True)
