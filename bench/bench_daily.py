@@ -13,9 +13,9 @@ are per step: ingest_landing, gate_raw, build (dbt), gate_memories, embed (MiniL
 process, as run_day does), store_clusters, label (extractive), score, gate_personas, publish, serve. Settings:
 ``threads = 2`` (DuckDB, polars, torch), the defaults otherwise, a fresh warehouse in the work folder.
 
-``--backend``: the ``[embedding] backend`` (``transformer`` = MiniLM itself, the default; ``static`` = word-piece
-vectors distilled from it, persona_tasks.static_embed). With the transformer, embedding is the slow step on 2 CPU
-cores (tens of memories/s). A day whose embedding would take longer than ``--max-embed-minutes`` at the sampled
+``--backend``: the ``[embedding] backend`` (``transformer`` = MiniLM itself, the default; ``onnx`` = MiniLM exported
+to ONNX Runtime; ``static`` = word-piece vectors distilled from it, persona_tasks.static_embed). With the
+transformer, embedding is the slow step on 2 CPU cores (tens of memories/s). A day whose embedding would take longer than ``--max-embed-minutes`` at the sampled
 rate is therefore measured up to ``gate_memories``, plus the embedding rate on a
 random sample of ``--embed-sample`` of its memory texts (``embed_rate``; encode only, model load excluded) and the
 embed time extrapolated from it. A smaller day (``--small-events`` / ``--small-users``, every step measured)
@@ -326,8 +326,9 @@ def main() -> None:
     ap.add_argument("--max-embed-minutes", type=float, default=15.0,
                     help="a day whose embedding would take longer (at the sampled rate) is measured up to "
                          "gate_memories plus the embedding rate")
-    ap.add_argument("--backend", choices=["transformer", "static"], default="transformer",
-                    help="[embedding] backend: the model itself, or static vectors distilled from it")
+    ap.add_argument("--backend", choices=["transformer", "static", "onnx"], default="transformer",
+                    help="[embedding] backend: the model itself, the model exported to ONNX, or static vectors "
+                    "distilled from it")
     ap.add_argument("--work", default=str(ROOT / "bench" / "out" / "daily_work"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--keep", action="store_true", help="keep the warehouses")

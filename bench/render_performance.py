@@ -268,6 +268,22 @@ def embedding_cpu_table(d) -> str:
     return "\n".join(out)
 
 
+def embedding_backends_table(d) -> str:
+    """bench/bench_embedding_backends.py's rows: backend, rate, ratio to the torch fp32 baseline, fidelity."""
+    names = {"transformer": "`backend = \"transformer\"` (torch fp32, **default**)",
+             "transformer+int8": "`backend = \"transformer\"`, `quantize = true` (torch int8)",
+             "onnx": "`backend = \"onnx\"` (ONNX Runtime fp32)",
+             "onnx+int8": "`backend = \"onnx\"`, `quantize = true` (ONNX Runtime int8)",
+             "openvino": "`backend = \"openvino\"` (OpenVINO, its default precision for the CPU)"}
+    out = ["| backend (`[embedding]` settings) | `model_version` suffix | memories/s | vs baseline | "
+           "cos to baseline mean / min | memories with cos >= 0.99 |", "|---|---|---:|---:|---:|---:|"]
+    for r in d.rows:
+        suffix = r.model_version.split("@", 1)[1][12:] or "(none)"
+        out.append(f"| {names.get(r.variant, r.variant)} | {suffix} | {r.memories_per_s:.1f} | {r.speedup:.2f}x | "
+                   f"{r.cos_mean:.5f} / {r.cos_min:.4f} | {r.share_cos_ge_0_99:.1%} |")
+    return "\n".join(out)
+
+
 def embedding_gpu_table(d) -> str:
     cpu = max(r.memories_per_s for r in d.rows if r.device == "cpu")
     out = [f"| device | dtype | batch | texts | seconds | memories/s | vs CPU ({d.cpu_threads} threads) |",
@@ -571,7 +587,8 @@ def results_index(used: dict[str, list[str]], results: dict[str, Result]) -> str
 
 HELPERS: dict[str, Callable] = {
     f.__name__: f for f in (
-        ratio, pct, hit, minutes, src, raw, memories_table, embedding_cpu_table, embedding_gpu_table,
+        ratio, pct, hit, minutes, src, raw, memories_table, embedding_cpu_table, embedding_backends_table,
+        embedding_gpu_table,
         static_quality_table, clustering_table, clustering_verdict, clustering_text_table, labelling_table,
         extractive_line, best_run, per_cluster, arm_of, labelling_arms_table, arms_setup, quality_auc_table,
         evaluate_timings_table, daily_table, step_seconds, steps_total, daily_estimate_table, estimate_total, gates_total,

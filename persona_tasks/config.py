@@ -77,7 +77,12 @@ class EmbeddingSettings(BaseModel):
     # "static": word-piece vectors distilled once from that model into models_dir (persona_tasks.static_embed):
     # ~20x faster on CPU, lower quality (planted-persona ARI 0.75-0.78 vs 0.84); own model_version ("+static-v1").
     # See docs/performance.md "Static embeddings"
-    backend: Literal["transformer", "static"] = "transformer"
+    # "onnx": the same model exported once to ONNX into models_dir and run by ONNX Runtime (CPU only; needs
+    # onnxruntime): own model_version ("+onnx", or "+onnx-int8" with quantize = true); speed and cosine to the
+    # transformer in bench/results/embedding_backends_cpu.json (bench/bench_embedding_backends.py)
+    # "openvino": that ONNX export compiled by OpenVINO for the CPU, in OpenVINO's default precision for the CPU (bf16
+    # where it has bf16 instructions, else f32), named in model_version ("+openvino-bf16"); no quantize
+    backend: Literal["transformer", "static", "onnx", "openvino"] = "transformer"
     batch_size: int = 64
     # torch device for the encoder ("cpu", "cuda", "cuda:0", ...)
     device: str = "cpu"
@@ -91,7 +96,8 @@ class EmbeddingSettings(BaseModel):
     max_seq_length: int | None = Field(default=None, ge=8)
     # int8 dynamic quantisation of the encoder's Linear layers (CPU only): 1.3-1.6x faster, but vectors only close
     # to fp32 (cosine 0.97 mean, 0.93 min on AOL memories), so off by default; it changes model_version (suffix
-    # "+int8"); see docs/performance.md "Embedding throughput (CPU)"
+    # "+int8"); see docs/performance.md "Embedding throughput (CPU)". With backend = "onnx": ONNX Runtime's int8
+    # dynamic quantisation of the exported MatMul weights instead (suffix "+onnx-int8")
     quantize: bool = False
 
 

@@ -29,6 +29,11 @@ dynamic quantisation both give vectors that differ (slightly) from the model's o
 under their own ``model_version`` (``all-MiniLM-L6-v2@3f1c...+seq128+int8``) and never mix with them; the measured
 speed and quality trade-off is in docs/performance.md "Embedding throughput (CPU)". Progress and memories/s go
 to the log (``persona_tasks.progress``); torch and BLAS threads are pinned to ``settings.threads``.
+
+``[embedding] backend = "onnx"`` (``OnnxEmbedder``): the same model exported once to ONNX under ``models_dir`` and
+run by ONNX Runtime on CPU (``quantize``: ONNX Runtime int8); stored under ``+onnx`` / ``+onnx-int8``.
+``backend = "openvino"`` (``OpenVinoEmbedder``): that export compiled by OpenVINO (``+openvino-bf16`` or ``-f32``).
+Measured in docs/performance.md "Exported backends: ONNX Runtime and OpenVINO (CPU)".
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -255,15 +264,337 @@ def quantize_dynamic_int8(model):
                                 inplace=False)
 
 
+ONNX_RECIPE = "onnx-v1"  # export recipe (below): a change that alters vectors needs a new name
+ONNX_OPSET = 17
+# The int8 variant (ONNX Runtime's dynamic quantisation, as sentence-transformers' export_dynamic_quantized_onnx_model
+# does through optimum-onnx, which needs transformers < 4.58): MatMul weights int8 per output channel, activations
+# quantised per batch at run time; kept in fp32: every layer's feed-forward output projection (``.../output/dense``,
+# the widest activation range) and the whole last layer. Measured on 532 distinct AOL-sample texts against the fp32
+# export: all MatMuls quantised gave cosine 0.992 mean / 0.973 min (89% >= 0.99); with these kept in fp32, 0.9965
+# mean / 0.990 min (100% >= 0.99) for about a fifth of the int8 speed-up (per-tensor weights: 0.963 mean).
+# A change here changes the vectors: give the variant a new model_version suffix.
+ONNX_QUANT_OPS = ("MatMul",)
+_LAYER = re.compile(r"\blayer\.(\d+)/")
+
+
+def int8_excluded_nodes(model_file: Path) -> list[str]:
+    """The MatMul nodes the int8 variant keeps in fp32 (see ``ONNX_QUANT_OPS``), found by their exported names."""
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    matmuls = [n.name for n in graph.node if n.op_type == "MatMul"]
+    layers = [int(m.group(1)) for n in matmuls if (m := _LAYER.search(n))]
+    last = max(layers) if layers else None
+    return [n for n in matmuls
+            if ("/output/dense/" in n and "/attention/" not in n)
+            or (last is not None and (m := _LAYER.search(n)) and int(m.group(1)) == last)]
+
+
+def onnx_dir(models_dir: Path, base_version: str, quantize: bool) -> Path:
+    """``models_dir/onnx/<model_version>+onnx-v1[-int8]``: one folder per source model and variant."""
+    safe = re.sub(r"[^A-Za-z0-9_.@+-]", "_", base_version)
+    return Path(models_dir) / "onnx" / f"{safe}+{ONNX_RECIPE}{'-int8' if quantize else ''}"
+
+
+def _require_onnxruntime() -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EmbeddingError(f"embedding.backend = \"onnx\" needs {' and '.join(missing)} (pinned in "
+                             "requirements/lock.txt; run scripts/install.sh), or use backend = \"transformer\"")
+
+
+def _pooling_mode(model_path: Path) -> str:
+    """``mean`` or ``cls``: the model's Pooling module, for a Transformer + Pooling (+ Normalize) model only."""
+    try:
+        modules = json.loads((Path(model_path) / "modules.json").read_text())
+    except (OSError, ValueError):
+        return "mean"  # a plain transformers directory: sentence-transformers would mean-pool it too
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        raise EmbeddingError(f"{model_path}: embedding.backend = \"onnx\" supports Transformer + Pooling "
+                             f"(+ Normalize) models only, not {kinds}")
+    pooling = json.loads((Path(model_path) / modules[1]["path"] / "config.json").read_text())
+    on = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True]
+    if on == ["pooling_mode_mean_tokens"]:
+        return "mean"
+    if on == ["pooling_mode_cls_token"]:
+        return "cls"
+    raise EmbeddingError(f"{model_path}: embedding.backend = \"onnx\" supports mean or CLS pooling, not {on}")
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename a finished temporary folder onto ``target`` (concurrent workers: the first one wins)."""
+    tmp.chmod(0o755)  # mkdtemp makes it private; workers of other users share models_dir
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "meta.json").exists():  # lost a race only if the winner finished
+            raise
+
+
+def export_onnx(model_path: Path, target: Path, base_version: str, threads: int) -> Path:
+    """Export the model's transformer (token states; pooling stays in numpy) to ``target/model.onnx`` with
+    torch's TorchScript-based ONNX exporter, check it against torch on padded texts, publish atomically.
+
+    Not sentence-transformers' ``backend="onnx"``: that needs optimum-onnx, which requires transformers < 4.58
+    (this project pins transformers 5). The graph is the same (opset 17, dynamic batch and sequence axes)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    t0 = time.perf_counter()
+    set_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
+    model = AutoModel.from_pretrained(str(model_path), local_files_only=True, attn_implementation="eager").eval()
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
+
+    class TokenStates(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs):
+            return self.inner(**dict(zip(names, inputs, strict=True))).last_hidden_state
+
+    probe = ["searched: best espresso machine under 1000; viewed: Breville espresso machine", "marathon"]
+    x = tokenizer(probe, padding=True, return_tensors="pt")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        # eval() on the wrapper too: the exporter restores the wrapper's mode afterwards
+        wrapper = TokenStates(model).eval()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, tuple(x[n] for n in names), str(tmp / "model.onnx"), input_names=names,
+                              output_names=["token_states"], opset_version=ONNX_OPSET, dynamo=False,
+                              dynamic_axes={n: {0: "batch", 1: "seq"} for n in [*names, "token_states"]})
+            ref = model(**{n: x[n] for n in names}).last_hidden_state.numpy()
+        got = _session(tmp / "model.onnx", threads).run(None, {n: x[n].numpy() for n in names})[0]
+        err = float(np.abs(got - ref)[x["attention_mask"].numpy().astype(bool)].max())
+        if err > 1e-3:
+            raise EmbeddingError(f"ONNX export of {model_path} differs from torch by {err:.2g}")
+        (tmp / "meta.json").write_text(json.dumps({
+            "recipe": ONNX_RECIPE, "source_model": str(model_path), "source_version": base_version,
+            "inputs": names, "opset": ONNX_OPSET, "quantized": False, "max_abs_diff_to_torch": err,
+            "torch": torch.__version__, "onnxruntime": _ort_version(),
+            "export_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
+        _publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("onnx: exported %s in %.1fs into %s", base_version, time.perf_counter() - t0, target)
+    return target
+
+
+def quantize_onnx(source: Path, target: Path) -> Path:
+    """int8 dynamic quantisation of ``source/model.onnx`` (what and why: ``ONNX_QUANT_OPS``)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    t0 = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    excluded = int8_excluded_nodes(source / "model.onnx")
+    root = logging.getLogger()
+    level = root.level
+    try:
+        # the quantiser logs advice to the root logger (pre-processing, per-tensor parameters): not ours to show
+        root.setLevel(max(level, logging.ERROR))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(source / "model.onnx"), str(tmp / "model.onnx"), weight_type=QuantType.QInt8,
+                             per_channel=True, reduce_range=False, op_types_to_quantize=list(ONNX_QUANT_OPS),
+                             nodes_to_exclude=excluded)
+        root.setLevel(level)
+        meta = json.loads((source / "meta.json").read_text())
+        meta.update(quantized=True, quant_ops=list(ONNX_QUANT_OPS), per_channel=True, kept_fp32=excluded,
+                    quantize_seconds=round(time.perf_counter() - t0, 1))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        _publish(tmp, target)
+    finally:
+        root.setLevel(level)
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("onnx: quantised %s to int8 in %.1fs", target.name, time.perf_counter() - t0)
+    return target
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = int(threads or 1)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class OnnxEmbedder:
+    """The same model exported to ONNX and run by ONNX Runtime on CPU (``[embedding] backend = "onnx"``).
+
+    The export (``export_onnx``; with ``quantize``, then ``quantize_onnx``) runs once per model and variant, on
+    first use, into ``models_dir/onnx/`` (``onnx_dir``); later loads reuse it. Tokenisation, length-sorted batches,
+    pooling and normalisation follow sentence-transformers' ``encode``. ``model_version``: the model's own plus
+    ``+onnx`` (fp32: within float rounding of torch, but another runtime) or ``+onnx-int8``, after any ``+seq<N>``,
+    so its vectors never mix with the torch model's."""
+
+    def __init__(self, model_path: Path | None, models_dir: Path, *, batch_size: int = 64, threads: int | None = None,
+                 max_seq_length: int | None = None, quantize: bool = False, device: str = "cpu"):
+        _require_onnxruntime()
+        if not str(device).startswith("cpu"):
+            raise EmbeddingError(f"embedding.backend = \"onnx\" runs on CPU only (device = {device!r}); use "
+                                 "backend = \"transformer\" on a GPU")
+        self.model_path = Path(model_path) if model_path else default_model_path()
+        self.models_dir = Path(models_dir)
+        self.batch_size = batch_size
+        self.threads = threads
+        self.quantize = quantize
+        native = native_max_seq_length(self.model_path)
+        if max_seq_length is not None and native is not None and max_seq_length > native:
+            raise EmbeddingError(f"embedding.max_seq_length = {max_seq_length} is above the model's own {native}")
+        self.max_seq_length = max_seq_length if max_seq_length is not None else (native or 512)
+        self.pooling = _pooling_mode(self.model_path)
+        self.base_version = model_version_of(self.model_path)
+        self.model_version = (self.base_version + variant_suffix(max_seq_length, False, native)
+                              + ("+onnx-int8" if quantize else "+onnx"))
+        self.path = onnx_dir(self.models_dir, self.base_version, quantize)
+        self.exported = False  # whether this instance wrote the export (False: reused a cached one)
+        self._loaded = None
+
+    def _load(self):
+        if self._loaded is None:
+            from transformers import AutoTokenizer
+
+            t0 = time.perf_counter()
+            if not (self.path / "meta.json").exists():
+                fp32 = onnx_dir(self.models_dir, self.base_version, False)
+                if not (fp32 / "meta.json").exists():
+                    export_onnx(self.model_path, fp32, self.base_version, self.threads or 1)
+                if self.quantize:
+                    quantize_onnx(fp32, self.path)
+                self.exported = True
+            try:
+                names = json.loads((self.path / "meta.json").read_text())["inputs"]
+                session = self._make_session()
+            except Exception as e:  # noqa: BLE001 - any unreadable file means the same thing
+                raise EmbeddingError(f"{self.path}: cannot load the ONNX export ({e}); delete the folder to export "
+                                     "it again") from e
+            tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
+            dim = int(session.get_outputs()[0].shape[-1]) if isinstance(session.get_outputs()[0].shape[-1], int) \
+                else int(json.loads((self.model_path / "config.json").read_text())["hidden_size"])
+            self._loaded = (session, tokenizer, names, dim)
+            log.info("embedding model %s loaded (ONNX Runtime, %s threads) in %.1fs", self.model_version,
+                     self.threads, time.perf_counter() - t0)
+        return self._loaded
+
+    def _make_session(self):
+        return _session(self.path / "model.onnx", self.threads)
+
+    @property
+    def dim(self) -> int:
+        return self._load()[3]
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        session, tokenizer, names, dim = self._load()
+        texts = [t or "" for t in texts]
+        out = np.zeros((len(texts), dim), dtype=np.float32)
+        # longest first, like sentence-transformers: batches of similar length pad little
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        for start in range(0, len(texts), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_seq_length,
+                            return_tensors="np")
+            feeds = {n: np.asarray(enc[n], dtype=np.int64) if n in enc else
+                     np.zeros_like(enc["input_ids"], dtype=np.int64) for n in names}
+            states = session.run(None, feeds)[0]
+            if self.pooling == "cls":
+                pooled = states[:, 0]
+            else:
+                mask = feeds["attention_mask"][..., None].astype(np.float32)
+                pooled = (states * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
+            norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+            out[idx] = pooled / np.clip(norms, 1e-12, None)
+        return out
+
+
+class _OpenVinoSession:
+    """An OpenVINO compiled model behind the one ``onnxruntime.InferenceSession.run`` call ``OnnxEmbedder`` makes."""
+
+    def __init__(self, path: Path, threads: int | None):
+        import openvino as ov
+
+        core = ov.Core()
+        # precision: OpenVINO's own default for the CPU (bf16 where the CPU has bf16 instructions, else f32); it is
+        # read back and put into model_version, so vectors of different precisions never mix
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+            "INFERENCE_NUM_THREADS": int(threads or 1), "PERFORMANCE_HINT": "LATENCY"})
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, _outputs, feeds: dict) -> list:
+        result = self.request.infer(feeds)
+        return [np.asarray(result[self.compiled.output(0)])]
+
+    def get_outputs(self):
+        return [type("Out", (), {"shape": [None]})()]
+
+
+class OpenVinoEmbedder(OnnxEmbedder):
+    """``backend = "openvino"``: the fp32 ONNX export of ``OnnxEmbedder`` (same cache) compiled by OpenVINO for the CPU.
+    ``model_version``: ``+openvino-<precision>`` (``bf16`` on CPUs with bf16 instructions, else ``f32``), known only
+    once the model is compiled. No int8 variant (not measured)."""
+
+    def __init__(self, model_path: Path | None, models_dir: Path, **kw):
+        if kw.get("quantize"):
+            raise EmbeddingError("embedding.quantize is not available with backend = \"openvino\" (use \"onnx\")")
+        import importlib.util
+
+        if importlib.util.find_spec("openvino") is None:
+            raise EmbeddingError("embedding.backend = \"openvino\" needs openvino (pinned in requirements/lock.txt; "
+                                 "run scripts/install.sh), or use backend = \"onnx\"")
+        super().__init__(model_path, models_dir, **kw)  # sets _onnx_version through the setter below
+
+    @property
+    def model_version(self) -> str:
+        session = self._load()[0]
+        return self._onnx_version.removesuffix("+onnx") + f"+openvino-{session.precision}"
+
+    @model_version.setter
+    def model_version(self, value: str) -> None:
+        self._onnx_version = value
+
+    def _make_session(self):
+        return _OpenVinoSession(self.path / "model.onnx", self.threads)
+
+
+@lru_cache(maxsize=4)
+def cached_onnx_embedder(path: Path, models_dir: Path, batch_size: int, threads: int, max_seq_length: int | None,
+                         quantize: bool, device: str = "cpu", runtime: str = "onnx") -> OnnxEmbedder:
+    """One loaded ONNX session per process and configuration."""
+    return (OpenVinoEmbedder if runtime == "openvino" else OnnxEmbedder)(path, models_dir, batch_size=batch_size, threads=threads, max_seq_length=max_seq_length,
+                        quantize=quantize, device=device)
+
+
 def embedder_from_settings(settings: Settings) -> Embedder:
-    """The configured embedder (``[embedding] backend``): the sentence-transformers model itself, or static
-    word-piece vectors distilled from it (``persona_tasks.static_embed``). One instance per process and
-    configuration."""
-    if settings.embedding.backend == "static":
+    """The configured embedder (``[embedding] backend``): the sentence-transformers model itself, the same model
+    exported to ONNX (``OnnxEmbedder``), or static word-piece vectors distilled from it
+    (``persona_tasks.static_embed``). One instance per process and configuration."""
+    e = settings.embedding
+    if e.backend == "static":
         from persona_tasks.static_embed import cached_static_embedder
 
         path = resolve_model_path(settings)
         return cached_static_embedder(path, settings.models_dir, settings.threads, model_version_of(path))
+    if e.backend in ("onnx", "openvino"):
+        return cached_onnx_embedder(resolve_model_path(settings), settings.models_dir, e.batch_size,
+                                    settings.threads, e.max_seq_length, e.quantize, e.device, e.backend)
     return SentenceTransformerEmbedder.from_settings(settings)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +279,103 @@ def test_capped_and_quantised_encoders_are_real_and_stored_apart(settings, embed
         assert (r.n_reused, r.n_encoded) == (0, 1)  # fp32 vectors are never copied into the int8 version
         versions = [v[0] for v in con.sql("SELECT model_version FROM personas.memory_embeddings ORDER BY 1").fetchall()]
     assert versions == sorted([embedder.model_version, embedder.model_version + "+int8"])
+
+
+# ---- backend = "onnx": the same model exported once to ONNX and run by ONNX Runtime (real exports, real passes) ----
+
+@pytest.fixture(scope="module")
+def onnx_models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def onnx_fp32(onnx_models_dir) -> E.OnnxEmbedder:
+    return E.OnnxEmbedder(None, onnx_models_dir, batch_size=2, threads=1)
+
+
+@pytest.fixture(scope="module")
+def onnx_int8(onnx_models_dir) -> E.OnnxEmbedder:
+    return E.OnnxEmbedder(None, onnx_models_dir, batch_size=2, threads=1, quantize=True)
+
+
+def test_onnx_vectors_match_the_transformer(embedder, onnx_fp32, onnx_int8):
+    texts = list(dict.fromkeys(TEXTS.values())) + ["nph", "searched: " + "espresso grinder review " * 80]
+    ref = embedder.encode(texts)
+    fp32 = onnx_fp32.encode(texts)  # batch_size 2: several length-sorted batches, put back in input order
+    int8 = onnx_int8.encode(texts)
+    assert fp32.shape == int8.shape == (len(texts), 384) and fp32.dtype == int8.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(int8, axis=1), 1.0, atol=1e-5)
+    assert (fp32 * ref).sum(axis=1).min() > 0.999  # the long text is truncated at 256 word pieces like torch's
+    cos8 = (int8 * ref).sum(axis=1)
+    assert cos8[:4].min() > 0.99  # the memories
+    # a three-letter query is int8's worst case (0.98-0.99 on the AOL sample, depending on its batch: activations
+    # are quantised per batch, as with the transformer's quantize option)
+    assert cos8.min() > 0.975
+    assert not np.allclose(int8, ref, atol=1e-3)  # int8 is close, not the same
+    assert onnx_fp32.dim == 384
+    assert onnx_fp32.encode([]).shape == (0, 384)
+
+
+def test_onnx_model_versions_never_mix_with_the_transformer(embedder, onnx_fp32, onnx_int8, tmp_path):
+    base = embedder.model_version
+    assert (onnx_fp32.model_version, onnx_int8.model_version) == (base + "+onnx", base + "+onnx-int8")
+    capped = E.OnnxEmbedder(None, tmp_path, max_seq_length=128)
+    assert capped.model_version == base + "+seq128+onnx"
+    assert E.SentenceTransformerEmbedder(quantize=True).model_version not in {onnx_int8.model_version}
+    s = load_settings(warehouse=tmp_path / "w.duckdb", threads=1, models_dir=onnx_fp32.models_dir,
+                      embedding={"backend": "onnx", "quantize": True})
+    configured = E.embedder_from_settings(s)
+    assert isinstance(configured, E.OnnxEmbedder) and configured.model_version == onnx_int8.model_version
+    assert configured.path == onnx_int8.path and configured.models_dir == onnx_fp32.models_dir
+
+
+def test_onnx_export_is_cached_and_reused(onnx_fp32, onnx_int8, onnx_models_dir):
+    x = onnx_fp32.encode([TEXTS["m1"]])
+    onnx_int8.encode([TEXTS["m1"]])
+    assert onnx_fp32.path.parent == onnx_models_dir / "onnx"
+    files = {p: p.stat().st_mtime_ns for p in (onnx_models_dir / "onnx").rglob("*") if p.is_file()}
+    assert {p.name for p in files} == {"model.onnx", "meta.json"} and len(files) == 4  # fp32 and int8 folders
+    again = E.OnnxEmbedder(None, onnx_models_dir, batch_size=2, threads=1)
+    again_int8 = E.OnnxEmbedder(None, onnx_models_dir, threads=1, quantize=True)
+    np.testing.assert_array_equal(again.encode([TEXTS["m1"]]), x)
+    again_int8.encode([TEXTS["m1"]])
+    assert not again.exported and not again_int8.exported  # loaded the cached export, wrote nothing
+    assert {p: p.stat().st_mtime_ns for p in (onnx_models_dir / "onnx").rglob("*") if p.is_file()} == files
+    meta = json.loads((onnx_int8.path / "meta.json").read_text())
+    assert meta["quantized"] and meta["source_version"] == onnx_fp32.base_version and meta["kept_fp32"]
+
+
+def test_onnx_embed_memories_stores_its_own_rows(settings, embedder, onnx_fp32):
+    with connect(settings) as con:
+        E.embed_memories(settings, con, memories(["m1", "m2"]), embedder)
+        r = E.embed_memories(settings, con, memories(["m1", "m2"]), onnx_fp32)
+        assert (r.n_reused, r.n_encoded) == (0, 2)  # torch vectors are never copied into the onnx version
+        got = E.load_embeddings(con, onnx_fp32.model_version)
+    np.testing.assert_allclose(E.embeddings_to_numpy(got["embedding"]), onnx_fp32.encode([TEXTS["m1"], TEXTS["m2"]]),
+                               atol=1e-6)
+
+
+def test_onnx_backend_errors(tmp_path, monkeypatch):
+    with pytest.raises(E.EmbeddingError, match="CPU only"):
+        E.OnnxEmbedder(None, tmp_path, device="cuda")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    with pytest.raises(E.EmbeddingError, match="needs onnxruntime"):
+        E.OnnxEmbedder(None, tmp_path)
+
+
+def test_openvino_backend_reuses_the_onnx_export_and_names_its_precision(embedder, onnx_fp32, onnx_models_dir):
+    onnx_fp32.encode([TEXTS["m1"]])  # the fp32 export exists
+    files = {p: p.stat().st_mtime_ns for p in (onnx_models_dir / "onnx").rglob("*") if p.is_file()}
+    ov = E.OpenVinoEmbedder(None, onnx_models_dir, batch_size=2, threads=1)
+    texts = list(dict.fromkeys(TEXTS.values())) + ["nph"]
+    x = ov.encode(texts)
+    assert not ov.exported and ov.path == onnx_fp32.path
+    assert {p: p.stat().st_mtime_ns for p in (onnx_models_dir / "onnx").rglob("*") if p.is_file()} == files
+    # bf16 on a CPU with bf16 instructions, else f32: either way it is in the version, and close to torch
+    assert ov.model_version in {embedder.model_version + "+openvino-bf16", embedder.model_version + "+openvino-f32"}
+    assert (x * embedder.encode(texts)).sum(axis=1).min() > 0.999
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    s = load_settings(threads=1, models_dir=onnx_models_dir, embedding={"backend": "openvino"})
+    assert isinstance(E.embedder_from_settings(s), E.OpenVinoEmbedder)
+    with pytest.raises(E.EmbeddingError, match="quantize"):
+        E.OpenVinoEmbedder(None, onnx_models_dir, quantize=True)
