@@ -456,6 +456,9 @@ def _assign_topics(settings: Settings, con: duckdb.DuckDBPyConnection, run_date:
     return topics.height
 
 
+LABEL_TEXTS = 500
+
+
 def _refit_topics(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date) -> int:
     """Cluster every current persona across users (``topic_clusters``) and label each topic."""
     from persona_tasks.embed import embeddings_to_numpy
@@ -498,15 +501,19 @@ def _refit_topics(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: 
     groups = rows.filter(pl.col("topic_id").is_not_null()).group_by("topic_id", maintain_order=True).agg(
         "persona_id", "user_id", (pl.col("label") + ". " + pl.col("description")).alias("text"))
     groups = groups.sort("topic_id")
+    # each topic labelled from at most LABEL_TEXTS of its personas' texts (in persona_id order): enough for its key
+    # terms, and the refit's cost stays bounded
     labels = ExtractiveLabeller(settings).label([
-        ClusterInput(user_id="__topics__", cluster_id=t, memory_ids=list(pids), memory_texts=list(texts))
+        ClusterInput(user_id="__topics__", cluster_id=t, memory_ids=list(pids)[:LABEL_TEXTS],
+                     memory_texts=list(texts)[:LABEL_TEXTS])
         for t, pids, texts in zip(groups["topic_id"], groups["persona_id"], groups["text"])
     ]) if groups.height else []
-    cents = []
-    topic_col = rows["topic_id"].to_list()
-    for t in groups["topic_id"].to_list():
-        c = x[[i for i, v in enumerate(topic_col) if v == t]].mean(axis=0)
-        cents.append((c / max(float(np.linalg.norm(c)), 1e-12)).astype(np.float32).tolist())
+    index = {t: i for i, t in enumerate(groups["topic_id"].to_list())}
+    member = np.array([index.get(t, -1) if t is not None else -1 for t in rows["topic_id"].to_list()])
+    sums = np.zeros((groups.height, x.shape[1]), dtype=np.float64)
+    np.add.at(sums, member[member >= 0], x[member >= 0])
+    sums /= np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    cents = [row.astype(np.float32).tolist() for row in sums]
     topics = pl.DataFrame({
         "topic_id": groups["topic_id"],
         "run_date": [run_date] * groups.height,

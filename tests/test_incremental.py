@@ -188,7 +188,7 @@ def test_rerun_of_a_day_is_byte_identical(runs, tmp_path):
     settings, _ = runs["incremental"]
     copy = tmp_path / "copy"
     shutil.copytree(Path(settings.warehouse).parent.parent, copy)
-    s = settings.model_copy(update={"warehouse": copy / "wh" / "warehouse.duckdb"})
+    s = settings.model_copy(deep=True, update={"warehouse": copy / "wh" / "warehouse.duckdb"})
     s.orchestration.landing_dir = str(copy / "landing")
     s.orchestration.work_dir = copy / "work"
     before = _checksums(s)
@@ -224,3 +224,35 @@ def test_history_queries_of_the_analyst_docs_answer_on_a_real_warehouse(runs):
     assert since.height > 0 and (since["first_seen"] <= since["current_since"]).all()
     assert week.height == appeared > 0 and (week["first_seen"] >= DAYS[1]).all()
     assert as_of.height == expect_as_of > 0
+
+
+def test_a_late_event_makes_its_user_active_again(runs, tmp_path):
+    """A user with no memories on the last day but a late event for an earlier day: their input changed, so the
+    rerun of the last day recomputes them (and only the users with changes)."""
+    from persona_tasks.dbt_runner import build
+    from persona_tasks.induce import induce
+    from persona_tasks.ingest import ingest_files
+
+    settings, _ = runs["incremental"]
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(settings.warehouse).parent.parent, copy)
+    s = settings.model_copy(deep=True, update={"warehouse": copy / "wh" / "warehouse.duckdb"})
+    s.dbt.target_path = copy / "dbt_target"
+    with connect(s) as con:
+        user = query_row(con, """
+            SELECT user_id FROM marts.intent_memories GROUP BY 1
+            HAVING bool_or(event_date = $d2) AND NOT bool_or(event_date = $d4) ORDER BY 1 LIMIT 1""",
+                         {"d2": DAYS[1], "d4": DAYS[3]})[0]
+        before = {r[0] for r in con.execute("SELECT user_id FROM personas.staged_user_states WHERE run_date = $d",
+                                            {"d": DAYS[3]}).fetchall()}
+    assert user not in before
+    late = tmp_path / "late.tsv"
+    late.write_text("AnonID\tQuery\tQueryTime\tItemRank\tClickURL\n"
+                    f"{user}\tharbour ferry timetable\t{DAYS[1].isoformat()} 23:50:00\t\t\n", encoding="utf-8")
+    ingest_files(s, "aol", [late])
+    build(s)
+    report = induce(s, run_date=DAYS[3])
+    with connect(s) as con:
+        after = {r[0] for r in con.execute("SELECT user_id FROM personas.staged_user_states WHERE run_date = $d",
+                                           {"d": DAYS[3]}).fetchall()}
+    assert after == before | {user} and report.n_active == len(after)

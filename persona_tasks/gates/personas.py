@@ -188,18 +188,26 @@ def _matrix(col) -> np.ndarray:
 
 
 def topic_mix_distance(settings: Settings, con, day: date, previous: date) -> float | None:
-    """JS distance of the staged run's topic mix from the ``previous`` published run's (None without topics)."""
-    prev = con.execute("SELECT p.topic_id, e.embedding FROM personas.personas p JOIN personas.persona_embeddings e "
-                       "USING (persona_id, version) WHERE p.run_date = $d ORDER BY p.persona_id",
-                       {"d": previous}).fetchall()
+    """JS distance of the staged run's topic mix from the ``previous`` published run's (None without topics).
+
+    The previous mix: its personas per topic (one GROUP BY over the history); the staged personas join the
+    nearest topic of the latest fit (stored centroids), as new versions do on publish."""
+    fit = con.execute("SELECT max(run_date) FROM personas.persona_topics WHERE run_date <= $p",
+                      {"p": previous}).fetchall()
+    fit = fit[0][0] if fit else None
+    if fit is None:
+        return None
+    cents = con.execute("SELECT topic_id, centroid FROM personas.persona_topics WHERE run_date = $f AND centroid "
+                        "IS NOT NULL ORDER BY topic_id", {"f": fit}).fetchall()
+    prev = dict(con.execute("SELECT coalesce(topic_id, ''), count(*) FROM personas.persona_history WHERE "
+                            "valid_from <= $p AND (valid_to IS NULL OR valid_to > $p) GROUP BY 1",
+                            {"p": previous}).fetchall())
     staged = con.execute("SELECT embedding FROM personas.staged_persona_embeddings WHERE run_date = $d "
                          "ORDER BY persona_id", {"d": day}).fetchall()
-    topics = sorted({t for t, _ in prev if t is not None})
+    topics = [t for t, _ in cents]
     if not prev or not staged or not topics:
         return None
-    x_prev = _matrix([e for _, e in prev])
-    labels = np.array([t if t is not None else "" for t, _ in prev])
-    cent = np.stack([x_prev[labels == t].mean(axis=0) for t in topics])
+    cent = _matrix([c for _, c in cents])
     cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
     x = _matrix([r[0] for r in staged])
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -209,7 +217,9 @@ def topic_mix_distance(settings: Settings, con, day: date, previous: date) -> fl
     k = len(topics)
     q = np.bincount(np.where(joined, best, k), minlength=k + 1).astype(float)
     index = {t: i for i, t in enumerate(topics)}
-    p = np.bincount([index.get(t, k) for t in labels.tolist()], minlength=k + 1).astype(float)
+    p = np.zeros(k + 1)
+    for t, n in prev.items():
+        p[index.get(t, k)] += n
     return js_distance(p / p.sum(), q / q.sum())
 
 
