@@ -64,9 +64,15 @@ def settings_for(root: Path, models: Path, fmt: str, source: str | None):
                        "n_shards": 2, "work_dir": root / "work"})
 
 
-def day_row(result: dict) -> dict:
+def day_row(result: dict, settings=None) -> dict:
     pub, lab = result["publish"], result["label"]
+    memories = None
+    if settings is not None:  # the active users' memories up to the day: what re-clustering them costs
+        with connect(settings) as con:
+            memories = con.execute("SELECT coalesce(sum(n_memories), 0) FROM personas.staged_user_states "
+                                   "WHERE run_date = $d", {"d": date.fromisoformat(pub["run_date"])}).fetchall()[0][0]
     return {
+        "active_memories": memories,
         "run_date": pub["run_date"], "active_users": pub["active_users"],
         "reclustered_users": result["store_clusters"]["users"], "clusters_labelled": lab["labelled"],
         "appeared": pub["appeared"], "changed": pub["changed"], "unchanged": pub["unchanged"],
@@ -93,7 +99,7 @@ def full_rerun(settings, root: Path, day: date) -> dict:
     s.dbt.target_path = copy / "dbt_target"
     before = checksums(settings)
     result = daily.run_day(s, day, full=True, timings=True)
-    row = day_row(result)
+    row = day_row(result, s)
     row["identical_to_incremental"] = checksums(s) == before
     shutil.rmtree(copy, ignore_errors=True)
     return row
@@ -126,7 +132,7 @@ def run_steady(args, work: Path, models: Path) -> dict:
         ev = generate_events(n_active * args.events_per_active, n_users=n_active, seed=args.seed + k, days=1,
                              start=day.isoformat())
         write_events(remap_users(ev, chosen), root / "landing" / day.isoformat() / "events.parquet")
-        row = day_row(daily.run_day(settings, day, timings=True))
+        row = day_row(daily.run_day(settings, day, timings=True), settings)
         row["day"] = k
         days.append(row)
         print(f"steady day {k}: {row['active_users']} active, {row['seconds']:.1f}s, {row['rows_written']} rows",
@@ -149,7 +155,7 @@ def run_aol(args, work: Path, models: Path) -> dict:
     for k in range(1, args.aol_days + 1):
         day = first + timedelta(days=k - 1)
         daily.sample_landing_day(settings, day)
-        row = day_row(daily.run_day(settings, day, timings=True))
+        row = day_row(daily.run_day(settings, day, timings=True), settings)
         row["day"] = k
         days.append(row)
         print(f"aol day {k}: {row['active_users']} active, {row['seconds']:.1f}s", flush=True)

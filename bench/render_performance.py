@@ -523,13 +523,14 @@ def gates_docs_table(d) -> str:
 
 def incremental_table(run) -> str:
     """Per day of bench_incremental: activity, persona changes, rows written and seconds (with the main steps)."""
-    out = ["| day | active users | re-clustered | labelled | appeared | changed | unchanged | retired | rows written "
-           "| build s | embed+cluster s | label+score s | gates s | publish+serve s | total s |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| day | active users | their memories | re-clustered | labelled | appeared | changed | unchanged | retired "
+           "| rows written | build s | embed+cluster s | label+score s | gates s | publish+serve s | total s |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for d in run.days:
         st = d.step_seconds
+        mem = f"{d.active_memories:,}" if d.get("active_memories") is not None else ""
         out.append(
-            f"| {d.day} | {d.active_users:,} | {d.reclustered_users:,} | {d.clusters_labelled:,} | {d.appeared:,} | "
+            f"| {d.day} | {d.active_users:,} | {mem} | {d.reclustered_users:,} | {d.clusters_labelled:,} | {d.appeared:,} | "
             f"{d.changed:,} | {d.unchanged:,} | {d.retired:,} | {d.rows_written:,} | {st.build:.1f} | "
             f"{st.embed + st.cluster + st.store_clusters:.1f} | {st.label + st.score:.1f} | "
             f"{st.gate_raw + st.gate_memories + st.gate_personas:.1f} | {st.publish + st.serve:.1f} | "

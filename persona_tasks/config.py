@@ -202,7 +202,7 @@ class TopicsSettings(BaseModel):
     refit_days: int = Field(default=7, ge=1)
     # a refit clusters at most this many current personas (a stable sample); all of them then join the nearest
     # topic (cosine to its centroid at least join_min_similarity), so its cost stays bounded
-    fit_sample: int = Field(default=5000, ge=10)
+    fit_sample: int = Field(default=2000, ge=10)
 
 
 class IncrementalSettings(BaseModel):

@@ -184,7 +184,7 @@ def label_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: dat
     from persona_tasks.embed import embedder_from_settings, embeddings_to_numpy, load_embeddings
     from persona_tasks.identity import active_users, current_personas_before, match_clusters, mint_persona_id
     from persona_tasks.labelling import ClusterInput
-    from persona_tasks.labelling.privacy import mask_clusters, public_terms
+    from persona_tasks.labelling.privacy import mask_clusters, public_terms, update_term_users
 
     run_id = f"{run_date.isoformat()}-{labeller}"
     report = report or InduceReport(run_date=run_date, run_id=run_id)
@@ -234,6 +234,8 @@ def label_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: dat
     to_label = [i for i in range(len(clusters)) if i not in keep]
 
     labels: list = [None] * len(clusters)
+    # the active users' words for the k-anonymity counts (labelling/privacy.py): nobody else's changed
+    update_term_users(con, run_date, active_ids)
     if to_label:
         # k-anonymous terms: words fewer than min_term_users users wrote never reach a labeller (labelling/privacy.py)
         terms = public_terms(con, run_date, settings.labelling.min_term_users)

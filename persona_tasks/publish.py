@@ -456,7 +456,7 @@ def _assign_topics(settings: Settings, con: duckdb.DuckDBPyConnection, run_date:
     return topics.height
 
 
-LABEL_TEXTS = 500
+LABEL_TEXTS = 100
 
 
 def _refit_topics(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date) -> int:
@@ -510,8 +510,8 @@ def _refit_topics(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: 
     ]) if groups.height else []
     index = {t: i for i, t in enumerate(groups["topic_id"].to_list())}
     member = np.array([index.get(t, -1) if t is not None else -1 for t in rows["topic_id"].to_list()])
-    sums = np.zeros((groups.height, x.shape[1]), dtype=np.float64)
-    np.add.at(sums, member[member >= 0], x[member >= 0])
+    sums = np.stack([x[member == t].sum(axis=0) for t in range(groups.height)]) if groups.height else \
+        np.zeros((0, x.shape[1]), np.float32)
     sums /= np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
     cents = [row.astype(np.float32).tolist() for row in sums]
     topics = pl.DataFrame({

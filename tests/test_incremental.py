@@ -256,3 +256,20 @@ def test_a_late_event_makes_its_user_active_again(runs, tmp_path):
         after = {r[0] for r in con.execute("SELECT user_id FROM personas.staged_user_states WHERE run_date = $d",
                                            {"d": DAYS[3]}).fetchall()}
     assert after == before | {user} and report.n_active == len(after)
+
+
+def test_public_terms_from_the_kept_word_table_equal_a_full_count(runs):
+    """k-anonymity: the words at least k users wrote, from personas.term_users (kept for each day's active users)
+    and from reading every memory text, are the same set on every day."""
+    from persona_tasks.labelling import privacy
+
+    settings, _ = runs["incremental"]
+    with connect(settings) as con:
+        for d in DAYS:
+            kept = privacy.public_terms(con, d, 2)
+            con.execute("ALTER TABLE personas.term_users RENAME TO term_users_hidden")
+            try:
+                scanned = privacy.public_terms(con, d, 2)
+            finally:
+                con.execute("ALTER TABLE personas.term_users_hidden RENAME TO term_users")
+            assert kept.public == scanned.public and kept.n_words == scanned.n_words and len(kept.public) > 100

@@ -79,13 +79,82 @@ class PublicTerms:
         return _WORD.sub(keep, text)
 
 
-def public_terms(con, run_date: date, k: int) -> PublicTerms:
-    """``PublicTerms`` over every memory of the warehouse that started before the end of ``run_date``."""
+TERM_USERS_DDL = """
+CREATE SCHEMA IF NOT EXISTS personas;
+-- One row per (word, user): the first event day the user wrote the word (labelling/privacy.py); word '' marks
+-- a user as covered from their first day. Derived from
+-- marts.intent_memories; kept up to date for each day's active users, so counting public words needs no scan of
+-- every memory text.
+CREATE TABLE IF NOT EXISTS personas.term_users (
+    word        VARCHAR NOT NULL,
+    user_id     VARCHAR NOT NULL,
+    first_date  DATE    NOT NULL
+);
+"""
+
+
+def update_term_users(con, run_date: date, users: list[str]) -> int:
+    """Recompute the ``personas.term_users`` rows of ``users`` from their memories up to the end of ``run_date``
+    (a day's active users: everyone else's words did not change); returns the rows written."""
+    import pyarrow as pa
+
     from persona_tasks.days import day_end
+    from persona_tasks.warehouse import transaction
+
+    con.execute(TERM_USERS_DDL)
+    if not users:
+        return 0
+    t0 = time.perf_counter()
+    first: dict[tuple[str, str], date] = {}
+    reader = con.sql(
+        "SELECT user_id, event_date, embedding_text FROM marts.intent_memories WHERE started_at < $e "
+        "AND user_id IN (SELECT unnest($u)) ORDER BY user_id, event_date",
+        params={"e": day_end(run_date), "u": list(users)}).to_arrow_reader(100_000)
+    for batch in reader:
+        for user, day, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(),
+                                   batch.column(2).to_pylist()):
+            first.setdefault(("", user), day)  # the user is covered from their first day (even without words)
+            for w in set(words(text or "")):
+                first.setdefault((w, user), day)  # rows come in event_date order: the first one is the earliest
+    table = pa.table({"word": pa.array([w for w, _ in first], pa.string()),
+                      "user_id": pa.array([u for _, u in first], pa.string()),
+                      "first_date": pa.array(list(first.values()), pa.date32())})
+    con.register("_term_users", table)
+    con.register("_term_active", pa.table({"user_id": pa.array(list(users), pa.string())}))
+    try:
+        with transaction(con):
+            con.execute("DELETE FROM personas.term_users WHERE user_id IN (SELECT user_id FROM _term_active)")
+            con.execute("INSERT INTO personas.term_users SELECT word, user_id, first_date FROM _term_users")
+    finally:
+        con.unregister("_term_users")
+        con.unregister("_term_active")
+    log.info("term users: %d (word, user) pairs of %d active users in %.1fs", table.num_rows, len(users),
+             time.perf_counter() - t0)
+    return table.num_rows
+
+
+def public_terms(con, run_date: date, k: int) -> PublicTerms:
+    """``PublicTerms`` over every memory of the warehouse that started before the end of ``run_date``: from
+    ``personas.term_users`` (kept by the daily runs: ``update_term_users``) when it covers every user with
+    memories up to that day, else by reading every memory text."""
+    from persona_tasks.days import day_end
+    from persona_tasks.warehouse import table_exists
 
     if k <= 1:
         return PublicTerms(k=k, public=frozenset(), n_words=0)
     t0 = time.perf_counter()
+    if table_exists(con, "term_users", "personas"):
+        covered, users = con.execute(
+            "SELECT (SELECT count(*) FROM personas.term_users WHERE word = '' AND first_date <= $d), "
+            "(SELECT count(DISTINCT user_id) FROM marts.intent_memories WHERE started_at < $e)",
+            {"d": run_date, "e": day_end(run_date)}).fetchall()[0]
+        if covered == users:
+            rows = con.execute("SELECT word, count(*) >= $k FROM personas.term_users WHERE first_date <= $d "
+                               "AND word <> '' GROUP BY word", {"d": run_date, "k": k}).fetchall()
+            terms = PublicTerms(k=k, public=frozenset(w for w, ok in rows if ok), n_words=len(rows))
+            log.info("public terms (k=%d, personas.term_users): %d of %d distinct words public, in %.1fs", k,
+                     len(terms.public), terms.n_words, time.perf_counter() - t0)
+            return terms
     reader = con.sql(
         "SELECT DISTINCT user_id, embedding_text FROM marts.intent_memories WHERE started_at < $e ORDER BY user_id",
         params={"e": day_end(run_date)}).to_arrow_reader(100_000)
