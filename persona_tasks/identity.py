@@ -111,6 +111,43 @@ def match_clusters(new: Sequence[frozenset[str]], previous: Sequence[tuple[str, 
     return sorted(out, key=lambda m: m.cluster)
 
 
+def centroid(vectors: np.ndarray, row_of: dict[str, int], ids) -> np.ndarray | None:
+    """L2-normalised mean of the rows of ``vectors`` for the memory ids (None when none has a vector)."""
+    rows = [row_of[m] for m in ids if m in row_of]
+    if not rows:
+        return None
+    c = vectors[rows].mean(axis=0)
+    return c / max(float(np.linalg.norm(c)), 1e-12)
+
+
+def match_to_previous(clusters: Sequence, previous: pl.DataFrame, min_jaccard: float, vectors: np.ndarray,
+                      row_of: dict[str, int]) -> dict[int, Match]:
+    """For every new cluster (objects with ``user_id`` and ``memory_ids``) that continues one of its user's
+    ``previous`` personas (``current_personas_before``): its ``Match`` (``match_clusters`` per user; centroids of
+    the memory ``vectors`` for the tie-break), keyed by the cluster's index."""
+    prev_by_user: dict[str, list[tuple[str, frozenset[str]]]] = {}
+    for pid, uid, ids in zip(previous["persona_id"], previous["user_id"], previous["memory_ids"]):
+        prev_by_user.setdefault(uid, []).append((pid, frozenset(ids)))
+    by_user: dict[str, list[int]] = {}
+    for i, c in enumerate(clusters):
+        by_user.setdefault(c.user_id, []).append(i)
+    dim = vectors.shape[1] if vectors.ndim == 2 and vectors.shape[1] else 1
+
+    def cents(groups) -> np.ndarray:
+        out = [centroid(vectors, row_of, g) for g in groups]
+        return np.stack([v if v is not None else np.zeros(dim, np.float32) for v in out])
+
+    matches: dict[int, Match] = {}
+    for uid, idx in by_user.items():
+        prev = prev_by_user.get(uid)
+        if not prev:
+            continue
+        new_sets = [frozenset(clusters[i].memory_ids) for i in idx]
+        for m in match_clusters(new_sets, prev, min_jaccard, cents(new_sets), cents([s for _, s in prev])):
+            matches[idx[m.cluster]] = m
+    return matches
+
+
 def mint_persona_id(user_id: str, first_seen: date, cluster_key: str) -> str:
     """A new persona's id: from its user, the day it first appeared and its cluster that day (never the day of a
     later run), so a rerun of that day mints the same id and no other persona can get it."""

@@ -164,14 +164,6 @@ def _content_hash(label: str, description: str, memory_ids) -> str:
     return hashlib.md5(body.encode()).hexdigest()
 
 
-def _centroid(mvec: np.ndarray, mem_index: dict[str, int], ids) -> np.ndarray | None:
-    rows = [mem_index[m] for m in ids if m in mem_index]
-    if not rows:
-        return None
-    c = mvec[rows].mean(axis=0)
-    return c / max(float(np.linalg.norm(c)), 1e-12)
-
-
 def label_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date, labeller: str = "extractive",
                users: list[str] | None = None, llm_max_users: int | None = None,
                report: InduceReport | None = None, full: bool = False) -> InduceReport:
@@ -182,7 +174,7 @@ def label_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: dat
     label changed) or ``unchanged`` (same evidence and label: scores copied, no new version on publish).
     """
     from persona_tasks.embed import embedder_from_settings, embeddings_to_numpy, load_embeddings
-    from persona_tasks.identity import active_users, current_personas_before, match_clusters, mint_persona_id
+    from persona_tasks.identity import active_users, current_personas_before, match_to_previous, mint_persona_id
     from persona_tasks.labelling import ClusterInput
     from persona_tasks.labelling.privacy import mask_clusters, public_terms, update_term_users
 
@@ -210,26 +202,11 @@ def label_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: dat
     # identity: which current persona each new cluster continues (one-to-one, by evidence overlap)
     cfg = settings.incremental
     prev_rows = {r["persona_id"]: r for r in previous.iter_rows(named=True)}
-    prev_by_user: dict[str, list[str]] = {}
-    for pid, uid in zip(previous["persona_id"], previous["user_id"]):
-        prev_by_user.setdefault(uid, []).append(pid)
     by_user: dict[str, list[int]] = {}
     for i, c in enumerate(clusters):
         by_user.setdefault(c.user_id, []).append(i)
-    match_of: dict[int, tuple[str, float]] = {}
-    for uid, idx in by_user.items():
-        pids = prev_by_user.get(uid, [])
-        if not pids:
-            continue
-        new_sets = [frozenset(clusters[i].memory_ids) for i in idx]
-        prev_sets = [(p, frozenset(prev_rows[p]["memory_ids"])) for p in pids]
-        dim = mvec.shape[1] if mvec.size else 1
-        def cents(groups):
-            out = [_centroid(mvec, mem_index, g) for g in groups]
-            return np.stack([v if v is not None else np.zeros(dim, np.float32) for v in out])
-        for m in match_clusters(new_sets, prev_sets, cfg.match_min_jaccard, cents(new_sets),
-                                cents([s for _, s in prev_sets])):
-            match_of[idx[m.cluster]] = (m.persona_id, m.jaccard)
+    match_of = {i: (m.persona_id, m.jaccard) for i, m in
+                match_to_previous(clusters, previous, cfg.match_min_jaccard, mvec, mem_index).items()}
     keep = {i for i, (_, jac) in match_of.items() if jac >= cfg.keep_label_min_jaccard}
     to_label = [i for i in range(len(clusters)) if i not in keep]
 
