@@ -15,16 +15,19 @@ interval):
 3. ``build``: ``dbt build`` (models and their tests; a failing test raises).
 4. ``gate_memories``: the memory gate's suite (persona_tasks/gates/memories.py): the build ran tests and none
    failed; every valid action of the day is in exactly one intent memory of the day; texts and counts in bounds.
-5. ``embed``: embeds the memories that started before the end of the day (incremental) and exports the
-   clustering input to ``<work_dir>/<run_date>/cluster_input.parquet``, so the shard tasks need no warehouse.
+5. ``embed``: finds the day's *active* users (``persona_tasks.identity``: their memories up to the day changed;
+   every user with the DAG param ``full``), embeds their memories (new texts only) and exports their clustering
+   input to ``<work_dir>/<run_date>/cluster_input.parquet``, so the shard tasks need no warehouse.
 6. ``cluster_shard`` (mapped over ``n_shards``): clusters one user shard from that file into Parquet files.
-7. ``store_clusters``: writes every shard's clusters (``persona_tasks.cluster.write_clusters``, shard-wise
-   replace, as ``induce.cluster_step`` does).
-8. ``label``: ``induce.label_step`` (labels every cluster, stages the run); ``score``: ``quality.score_run``.
+7. ``store_clusters``: writes every shard's clusters (``persona_tasks.cluster.write_clusters``, replacing the
+   active users' rows only).
+8. ``label``: ``induce.label_step`` (matches the new clusters to the users' personas, labels the new or changed
+   ones, stages the run); ``score``: ``quality.score_run`` (the staged personas that changed).
 9. ``gate_personas``: the persona gate's suite (persona_tasks/gates/personas.py): floors of ``[orchestration]`` on
    the staged run, no PII, scores in range, unique labels, LLM fallbacks, drift against the last published run.
-10. ``publish``: ``publish.publish_run`` (one transaction); ``serve``: the analysts' serving copy
-    (``persona_tasks.serving``).
+10. ``publish``: ``publish.publish_run`` (one transaction: new persona versions, retirements, user states,
+    topics; the DAG param ``rewind`` for an earlier day whose result changed); ``serve``: the analysts' serving
+    copy (``persona_tasks.serving``).
 
 A gate evaluates every check of its suite, records each in ``quality_check_results`` with a Data Docs page, and
 raises :class:`GateError` (``check`` names every failing blocking check) when one blocks; nothing is published, so
