@@ -151,7 +151,7 @@ CHECKS: tuple[Check, ...] = (
           lambda s, d: metric("personas_per_user_factor", max_value=s.gates.max_personas_per_user_factor,
                               exempt_when_null=True),
           "warn", "personas per user changed by at most a factor [gates] max_personas_per_user_factor (either "
-                  "way) vs the last published run",
+                  "way) vs the same users in the last published run",
           _entry("Personas per user changed a lot against the last published run: the clustering or the input "
                  "changed.",
                  "Personas per user of the staged run and the recent published runs:",
@@ -254,10 +254,14 @@ def load(settings: Settings, con, day: date, _inputs: Any = None) -> tuple[dict,
     previous = previous[0][0] if previous else None
     ppu_change = js = None
     if previous is not None and n:
-        pn, pu = con.execute("SELECT count(*), count(DISTINCT user_id) FROM personas.personas WHERE run_date = $d",
-                             {"d": previous}).fetchall()[0]
-        if pu:
-            ratio = (n / frame["user_id"].nunique()) / (pn / pu)
+        # the same users before and now: a run stages its active users only (persona_tasks.identity)
+        before = dict(con.execute(
+            "SELECT user_id, count(*) FROM personas.personas WHERE run_date = $p AND user_id IN "
+            "(SELECT user_id FROM personas.staged_personas WHERE run_date = $d) GROUP BY 1",
+            {"p": previous, "d": day}).fetchall())
+        same = frame[frame["user_id"].isin(list(before))]
+        if before and len(same):
+            ratio = (len(same) / same["user_id"].nunique()) / (sum(before.values()) / len(before))
             ppu_change = max(ratio, 1.0 / ratio)
         js = topic_mix_distance(settings, con, day, previous)
     run = pd.DataFrame([{"personas": n, "users": int(frame["user_id"].nunique()) if n else 0,
