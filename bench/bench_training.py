@@ -10,6 +10,12 @@ Steps (each arm in its own process, so that peak RSS is the arm's own):
 
 Usage: python bench/bench_training.py --warehouse W [--build] [--arms base,pairwise,groupwise,sft] [--steps 8]
        [--threads 1] [--out bench/results/training_arms_cpu.json]
+
+On a GPU machine (no warehouse there): ``--export-gpu DIR`` writes the build's groups (``DIR/groups.json``) and the
+held-out clusters as the labeller sees them (``DIR/label/heldout.json``); ``bench/gpu_session.py`` trains every arm
+there and labels them; ``--replay DIR`` scores the labels that came back (``labels_<arm>_heldout.json``) on the same
+held-out clusters, here, with the same quality objective, and compares each arm with the base model's labels from
+the same GPU run (paired, bootstrap interval).
 The warehouse needs published personas (``persona-etl induce``); nothing is promoted.
 """
 
@@ -81,6 +87,79 @@ def one_arm(args) -> dict:
     return out
 
 
+def _heldout(s, as_of: str):
+    from persona_tasks.embed import embedder_from_settings
+    from persona_tasks.train import pipeline as P
+
+    embedder = embedder_from_settings(s)
+    data = P._clusters(s, as_of, embedder)
+    current = json.loads((P.retrain_dir(s, as_of) / "current.json").read_text())
+    keys = {(c.user_id, int(c.cluster_id)): i for i, c in enumerate(data.clusters)}
+    held = [keys[(u, c)] for u, c in current["keys"] if (u, c) in keys]
+    return data, held, current, embedder
+
+
+def export_gpu(args) -> None:
+    """The build's groups and held-out inputs for bench/gpu_session.py."""
+    from persona_tasks.labelling.replay import write_inputs
+    from persona_tasks.train import pipeline as P
+    from persona_tasks.train.groups import read_build
+
+    s = settings_for(args)
+    build = read_build(P.retrain_dir(s, args.as_of) / "groups")
+    groups = build.training_groups()
+    out = Path(args.export_gpu)
+    (out / "label").mkdir(parents=True, exist_ok=True)
+    (out / "groups.json").write_text(json.dumps(groups))
+    data, held, _, _ = _heldout(s, args.as_of)
+    write_inputs([data.masked[i] for i in held], out / "label" / "heldout.json",
+                 meta={"as_of": args.as_of, "build_id": build.build_id, "clusters": len(held)})
+    print(f"wrote {len(groups)} groups and {len(held)} held-out clusters to {out}")
+
+
+def replay(args) -> dict:
+    """Score the GPU run's held-out labels per arm (``labels_<arm>_heldout.json``) on the same clusters."""
+    from persona_tasks.labelling.replay import ReplayLabeller
+    from persona_tasks.train import pipeline as P
+
+    s = settings_for(args)
+    src = Path(args.replay)
+    data, held, current, embedder = _heldout(s, args.as_of)
+    summary = json.loads((src / "summary.json").read_text())
+    arms = {}
+    for f in sorted(src.glob("labels_*_heldout.json")):
+        arm = f.name[len("labels_"):-len("_heldout.json")]
+        m = P.evaluate_labeller(s, data, held, ReplayLabeller(f), embedder)
+        arms[arm] = m
+        print(f"{arm:9s} held-out fallback {m['fallback_rate']:.3f} objective {m['objective']:.4f} "
+              f"truthfulness {m['truthfulness']:.4f} alignment {m['alignment']:.4f}", flush=True)
+    out = {"as_of": args.as_of, "gpu": {k: summary.get(k) for k in ("device_name", "torch", "transformers",
+                                                                      "model_version", "training", "seconds")},
+           "current_cpu": {k: current.get(k) for k in ("clusters", "model_version", "fallback_rate", "objective",
+                                                       "truthfulness", "alignment", "cohesion")},
+           "arms": {}}
+    base = arms.get("base")
+    for arm, m in arms.items():
+        row = {k: m[k] for k in ("clusters", "model_version", "fallback_rate", "objective", "truthfulness",
+                                 "alignment", "cohesion")}
+        if base is not None and arm != "base":
+            row["objective_vs_base"] = P.paired_difference(m["per_cluster_objective"], base["per_cluster_objective"])
+        row["objective_vs_current_cpu"] = P.paired_difference(m["per_cluster_objective"],
+                                                              current["per_cluster_objective"])
+        tr = (summary.get("steps", {}).get("train") or {}).get(arm)
+        if tr:
+            row["train"] = {k: tr.get(k) for k in ("n_groups", "n_examples", "steps", "seconds", "peak_cuda_mb",
+                                                   "peak_rss_mb", "device", "first_log", "last_log")}
+        lab = (summary.get("steps", {}).get("labels") or {}).get(f"{arm}:heldout")
+        if lab:
+            row["label_seconds_gpu"] = lab.get("wall_s")
+        out["arms"][arm] = row
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(f"wrote {args.out}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--warehouse", type=Path, required=True)
@@ -96,6 +175,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "training_arms_cpu.json")
     ap.add_argument("--one-arm", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--export-gpu", type=Path, default=None, help="write groups + held-out inputs for a GPU run")
+    ap.add_argument("--replay", type=Path, default=None, help="score a GPU run's held-out labels (its --out folder)")
     args = ap.parse_args()
     import logging
 
@@ -103,6 +184,11 @@ def main() -> None:
     os.environ.setdefault("PERSONA_ETL_THREADS", str(args.threads))
     if args.one_arm:
         one_arm(args)
+        return
+    if (args.export_gpu or args.replay) and not args.build:
+        if args.as_of is None:
+            raise SystemExit("--as-of is needed")
+        export_gpu(args) if args.export_gpu else replay(args)
         return
     from persona_tasks.train import pipeline as P
 
@@ -115,6 +201,10 @@ def main() -> None:
         build = P.build_groups_step(s, args.as_of)
         build["seconds_total"] = round(time.perf_counter() - t0, 1)
         print("groups:", json.dumps(build), flush=True)
+        if args.export_gpu:
+            export_gpu(args)
+            (Path(args.export_gpu) / "build.json").write_text(json.dumps(build, indent=1, default=str))
+            return
     elif args.as_of is None:
         raise SystemExit("--as-of is needed without --build")
     current = json.loads((P.retrain_dir(s, args.as_of) / "current.json").read_text())

@@ -83,7 +83,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     results = evaluate(settings, datasets=args.datasets or None, llm_max_users=args.llm_max_users,
-                       max_users=args.max_users, synth_users=args.synth_users)
+                       max_users=args.max_users, synth_users=args.synth_users,
+                       llm_inputs_out=args.export_llm_inputs, llm_labels=args.llm_labels)
     print(f"results: {write_json(results, args.json)}")
     for name, d in results["datasets"].items():
         for key in ("multi_extractive", "single_extractive", "multi_centroid", "nearest_memory"):
@@ -251,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate at most this many users per dataset (a stable sample; default all)")
     p.add_argument("--synth-users", type=int, default=None,
                    help="users of the planted-persona check (0 = skip; default [evaluation] synth_users)")
+    p.add_argument("--export-llm-inputs", type=Path, default=None, metavar="DIR",
+                   help="write the LLM sample's inputs (as the labeller sees them) to DIR/<source>.json for a GPU "
+                   "worker to label (bench/gpu_session.py), and leave the LLM rows out of this run")
+    p.add_argument("--llm-labels", type=Path, nargs="+", default=None, metavar="FILE",
+                   help="labels files of those inputs (labelling.replay) to use instead of running the LLM here")
     p.add_argument("--write-docs", nargs="?", const=str(Path(__file__).resolve().parent.parent / "docs" / "results.md"),
                    default=None, metavar="PATH", help="also render the tables to PATH (default docs/results.md)")
     p.set_defaults(func=_cmd_evaluate)

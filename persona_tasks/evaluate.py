@@ -43,6 +43,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -586,8 +587,13 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
 
 
 def evaluate_dataset(settings: Settings, con: duckdb.DuckDBPyConnection, source: str, embedder,
-                     llm_max_users: int | None = None, max_users: int | None = None) -> dict:
-    """Run the protocol on one source of the warehouse; returns its section of the results dict."""
+                     llm_max_users: int | None = None, max_users: int | None = None,
+                     llm_inputs_out: Path | None = None, llm: Any = None) -> dict:
+    """Run the protocol on one source of the warehouse; returns its section of the results dict.
+
+    ``llm_inputs_out``: write the LLM sample's inputs, as the labeller would see them, to ``<folder>/<source>.json``
+    (``labelling.replay``: a GPU worker labels them) and leave the LLM rows out. ``llm``: the LLM labeller to use
+    (a ``ReplayLabeller`` of such a worker's labels files); default ``LLMLabeller(settings)``."""
     from persona_tasks.labelling import ExtractiveLabeller
     from persona_tasks.labelling.privacy import PublicTerms
 
@@ -637,11 +643,22 @@ def evaluate_dataset(settings: Settings, con: duckdb.DuckDBPyConnection, source:
     llm_users = set(stable_sample(users, llm_max_users)) if llm_max_users else set()
     multi_llm = single_llm = None
     llm_stats = None
+    if llm_users and llm_inputs_out is not None:
+        from persona_tasks.labelling.privacy import mask_clusters
+        from persona_tasks.labelling.replay import write_inputs
+
+        mc = cluster_inputs(history, clustering.assignments, llm_users)
+        sc = single_cluster_inputs(history, hvec, llm_users)
+        path = write_inputs(mask_clusters(mc + sc, terms), Path(llm_inputs_out) / f"{source}.json",
+                            meta={"source": source, "users": len(llm_users), "multi": len(mc), "single": len(sc)})
+        log.info("evaluate %s: LLM sample inputs (%d clusters of %d users) written to %s; LLM rows left out",
+                 source, len(mc) + len(sc), len(llm_users), path)
+        llm_users = set()
     if llm_users:
         from persona_tasks.labelling import LLMLabeller
 
         t = time.perf_counter()
-        llm = LLMLabeller(settings)
+        llm = llm if llm is not None else LLMLabeller(settings)
         mc = cluster_inputs(history, clustering.assignments, llm_users)
         sc = single_cluster_inputs(history, hvec, llm_users)
         both = label_and_embed(mc + sc, llm, embedder, terms)
@@ -766,8 +783,12 @@ def _sources(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 def evaluate(settings: Settings, datasets: Sequence[str] | None = None, *, llm_max_users: int | None = None,
              max_users: int | None = None, synth_users: int | None = None,
-             con: duckdb.DuckDBPyConnection | None = None) -> dict:
+             con: duckdb.DuckDBPyConnection | None = None, llm_inputs_out: Path | None = None,
+             llm_labels: Sequence[Path] | None = None) -> dict:
     """Run the protocol on every dataset (warehouse sources; default all of them) and the planted-persona check.
+
+    ``llm_inputs_out`` / ``llm_labels``: label the LLM sample elsewhere (``evaluate_dataset``; a GPU worker runs
+    ``labelling.replay.label_inputs_file`` on the exported inputs) and score its labels here.
 
     Opens a writer connection (history and future memories missing from ``personas.memory_embeddings`` are
     embedded and stored there, as ``induce`` would); nothing else is written.
@@ -802,9 +823,17 @@ def evaluate(settings: Settings, datasets: Sequence[str] | None = None, *, llm_m
             else str(settings.labelling.model_path),
             "datasets": {},
         }
+        llm = None
+        if llm_labels:
+            from persona_tasks.labelling.replay import ReplayLabeller
+
+            llm = ReplayLabeller(list(llm_labels))
+            results["labelling_model"] = llm.model_version
+            results["llm_labels_replayed"] = [str(p) for p in llm_labels]
         with Progress("evaluate", total=len(names), unit="datasets") as progress:
             for name in names:
-                results["datasets"][name] = evaluate_dataset(settings, con, name, embedder, llm_max_users, max_users)
+                results["datasets"][name] = evaluate_dataset(settings, con, name, embedder, llm_max_users, max_users,
+                                                             llm_inputs_out, llm)
                 progress.update(1)
     finally:
         if own:

@@ -268,3 +268,38 @@ def test_soft_maximum_prefers_a_candidate_near_several_profile_vectors():
     assert soft[0] > soft[1] >= 0.8 - 1e-6
     # a very low temperature is the maximum again
     assert np.allclose(max_similarity(prof, cand, temperature=1e-4), hard, atol=1e-4)
+
+
+def test_llm_sample_labelled_elsewhere_is_replayed(aol_warehouse, monkeypatch, tmp_path):
+    """--export-llm-inputs writes what the LLM would see; labels of exactly those inputs (made by a GPU worker,
+    here by the extractive labeller) come back through --llm-labels; labels of other inputs are refused."""
+    from persona_tasks.cli import main
+    from persona_tasks.labelling import ExtractiveLabeller
+    from persona_tasks.labelling.replay import ReplayError, ReplayLabeller, label_inputs_file, read_inputs
+
+    root, settings = aol_warehouse
+    monkeypatch.setenv("PERSONA_ETL_CONFIG", str(root / "none.toml"))
+    monkeypatch.setenv("PERSONA_ETL_WAREHOUSE", str(settings.warehouse))
+    monkeypatch.setenv("PERSONA_ETL_DBT__TARGET_PATH", str(root / "target"))
+    common = ["evaluate", "--datasets", "aol", "--llm-max-users", "2", "--synth-users", "0"]
+    assert main(common + ["--json", str(tmp_path / "a.json"), "--export-llm-inputs", str(tmp_path / "in")]) == 0
+    first = json.loads((tmp_path / "a.json").read_text())["datasets"]["aol"]
+    assert "llm_sample" not in first                                             # LLM rows left out
+    inputs = read_inputs(tmp_path / "in" / "aol.json")
+    assert len({c.user_id for c in inputs}) == 2 and all(c.memory_texts for c in inputs)
+    stats = label_inputs_file(tmp_path / "in" / "aol.json", tmp_path / "labels.json", ExtractiveLabeller(settings))
+    assert stats["clusters"] == len(inputs)
+    assert main(common + ["--json", str(tmp_path / "b.json"), "--llm-labels", str(tmp_path / "labels.json")]) == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    d = res["datasets"]["aol"]
+    assert d["llm_sample"]["n_users"] == 2 and "multi_llm" in d["llm_sample"]["methods"]
+    assert d["personas"]["llm"]["n_personas"] == json.loads((tmp_path / "in" / "aol.json").read_text())["meta"]["multi"]
+    assert res["llm_labels_replayed"] == [str(tmp_path / "labels.json")]
+    # the extractive baseline does not depend on where the LLM labels came from
+    assert d["methods"]["multi_extractive"] == first["methods"]["multi_extractive"]
+    replay = ReplayLabeller(tmp_path / "labels.json")
+    assert [p.label for p in replay.label(inputs)] == [p.label for p in ExtractiveLabeller(settings).label(inputs)]
+    changed = inputs[0]
+    changed.memory_texts = ["something else"] + changed.memory_texts[1:]
+    with pytest.raises(ReplayError, match=f"user {changed.user_id!r}"):
+        replay.label([changed])
