@@ -11,11 +11,15 @@ Steps (each arm in its own process, so that peak RSS is the arm's own):
 Usage: python bench/bench_training.py --warehouse W [--build] [--arms base,pairwise,groupwise,sft] [--steps 8]
        [--threads 1] [--out bench/results/training_arms_cpu.json]
 
-On a GPU machine (no warehouse there): ``--export-gpu DIR`` writes the build's groups (``DIR/groups.json``) and the
-held-out clusters as the labeller sees them (``DIR/label/heldout.json``); ``bench/gpu_session.py`` trains every arm
-there and labels them; ``--replay DIR`` scores the labels that came back (``labels_<arm>_heldout.json``) on the same
-held-out clusters, here, with the same quality objective, and compares each arm with the base model's labels from
-the same GPU run (paired, bootstrap interval).
+With a GPU machine (no warehouse there), in two GPU runs of ``bench/gpu_session.py``:
+1. ``--export-gpu DIR``: the training clusters (``DIR/candidates/train.json``) and the held-out clusters
+   (``DIR/label/heldout.json``) as the labeller sees them. The first GPU run samples K candidates per training
+   cluster and labels the held-out clusters with the base model.
+2. ``--build-from-gpu OUT1``: the groups, validated, scored and ranked here from those candidates, to
+   ``groups.json``; ``current.json`` = the base model's held-out labels. The second GPU run trains every arm on
+   the groups and labels the held-out clusters with each.
+3. ``--replay OUT2``: scores each arm's held-out labels (``labels_<arm>_heldout.json``) here, with the same quality
+   objective, against the base model's labels of the same clusters (paired, bootstrap interval).
 The warehouse needs published personas (``persona-etl induce``); nothing is promoted.
 """
 
@@ -100,21 +104,62 @@ def _heldout(s, as_of: str):
 
 
 def export_gpu(args) -> None:
-    """The build's groups and held-out inputs for bench/gpu_session.py."""
+    """The snapshot's training and held-out clusters, as the labeller sees them, for bench/gpu_session.py:
+    ``candidates/train.json`` (K candidates each are sampled there) and ``label/heldout.json``."""
+    from persona_tasks.embed import embedder_from_settings
     from persona_tasks.labelling.replay import write_inputs
     from persona_tasks.train import pipeline as P
-    from persona_tasks.train.groups import read_build
 
     s = settings_for(args)
-    build = read_build(P.retrain_dir(s, args.as_of) / "groups")
-    groups = build.training_groups()
+    if not (P.retrain_dir(s, args.as_of) / "snapshot.duckdb").exists():
+        P.snapshot(s, args.as_of)
+    data = P._clusters(s, args.as_of, embedder_from_settings(s))
+    idx = data.subset("train", s.training.max_clusters)
+    held = data.subset("heldout", s.training.heldout_max_clusters)
     out = Path(args.export_gpu)
-    (out / "label").mkdir(parents=True, exist_ok=True)
-    (out / "groups.json").write_text(json.dumps(groups))
-    data, held, _, _ = _heldout(s, args.as_of)
+    write_inputs([data.masked[i] for i in idx], out / "candidates" / "train.json",
+                 meta={"as_of": str(args.as_of), "clusters": len(idx)})
     write_inputs([data.masked[i] for i in held], out / "label" / "heldout.json",
-                 meta={"as_of": args.as_of, "build_id": build.build_id, "clusters": len(held)})
-    print(f"wrote {len(groups)} groups and {len(held)} held-out clusters to {out}")
+                 meta={"as_of": str(args.as_of), "clusters": len(held)})
+    print(f"wrote {len(idx)} training and {len(held)} held-out clusters to {out}")
+
+
+def build_from_gpu(args) -> dict:
+    """Preference groups from the candidates a GPU run sampled (``candidates_train.json``), validated, scored and
+    ranked here (``build_groups`` with ``ReplayCandidates``); the base model's held-out labels from the same run
+    are the current labeller's metrics (``current.json``). Writes ``groups.json`` for the training run."""
+    from persona_tasks.embed import embedder_from_settings
+    from persona_tasks.labelling.llm import LLMLabeller
+    from persona_tasks.labelling.model import load_causal_lm
+    from persona_tasks.labelling.replay import ReplayCandidates, ReplayLabeller
+    from persona_tasks.train import pipeline as P
+    from persona_tasks.train.groups import build_groups, save_build
+
+    s = settings_for(args)
+    src = Path(args.build_from_gpu)
+    d = P.retrain_dir(s, args.as_of)
+    embedder = embedder_from_settings(s)
+    data = P._clusters(s, args.as_of, embedder)
+    model, tok, version = load_causal_lm(s, adapter=False)
+    k = s.training.num_candidates
+    lab = s.labelling.model_copy(update={"temperature": s.training.temperature,
+                                         "batch_size": max(1, s.labelling.batch_size // k)})
+    checker = LLMLabeller(s.model_copy(update={"labelling": lab}), model=model, tokenizer=tok, model_version=version)
+    t0 = time.perf_counter()
+    build = build_groups(s, data, ReplayCandidates(checker, src / "candidates_train.json"), embedder)
+    save_build(build, d / "groups")
+    groups = build.training_groups()
+    held = data.subset("heldout", s.training.heldout_max_clusters)
+    current = P.evaluate_labeller(s, data, held, ReplayLabeller(src / "labels_base_heldout.json"), embedder)
+    (d / "current.json").write_text(json.dumps(current, indent=1))
+    out = Path(args.groups_out or src)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "groups.json").write_text(json.dumps(groups))
+    stats = {"as_of": str(args.as_of), "build_id": build.build_id, **build.stats, "seconds_here": round(time.perf_counter()
+             - t0, 1), "current_objective": current["objective"], "training_groups": len(groups)}
+    (out / "build.json").write_text(json.dumps(stats, indent=1, default=str))
+    print("groups:", json.dumps(stats, default=str))
+    return stats
 
 
 def replay(args) -> dict:
@@ -133,7 +178,7 @@ def replay(args) -> dict:
         arms[arm] = m
         print(f"{arm:9s} held-out fallback {m['fallback_rate']:.3f} objective {m['objective']:.4f} "
               f"truthfulness {m['truthfulness']:.4f} alignment {m['alignment']:.4f}", flush=True)
-    out = {"as_of": args.as_of, "gpu": {k: summary.get(k) for k in ("device_name", "torch", "transformers",
+    out = {"as_of": str(args.as_of), "gpu": {k: summary.get(k) for k in ("device_name", "torch", "transformers",
                                                                       "model_version", "training", "seconds")},
            "current_cpu": {k: current.get(k) for k in ("clusters", "model_version", "fallback_rate", "objective",
                                                        "truthfulness", "alignment", "cohesion")},
@@ -177,6 +222,9 @@ def main() -> None:
     ap.add_argument("--one-arm", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--export-gpu", type=Path, default=None, help="write groups + held-out inputs for a GPU run")
     ap.add_argument("--replay", type=Path, default=None, help="score a GPU run's held-out labels (its --out folder)")
+    ap.add_argument("--build-from-gpu", type=Path, default=None,
+                    help="build the groups from a GPU run's sampled candidates (its --out folder)")
+    ap.add_argument("--groups-out", type=Path, default=None, help="where --build-from-gpu writes groups.json")
     args = ap.parse_args()
     import logging
 
@@ -185,10 +233,18 @@ def main() -> None:
     if args.one_arm:
         one_arm(args)
         return
-    if (args.export_gpu or args.replay) and not args.build:
+    if args.export_gpu or args.replay or args.build_from_gpu:
         if args.as_of is None:
             raise SystemExit("--as-of is needed")
-        export_gpu(args) if args.export_gpu else replay(args)
+        from datetime import date
+
+        args.as_of = date.fromisoformat(str(args.as_of))
+        if args.export_gpu:
+            export_gpu(args)
+        elif args.build_from_gpu:
+            build_from_gpu(args)
+        else:
+            replay(args)
         return
     from persona_tasks.train import pipeline as P
 
@@ -201,10 +257,6 @@ def main() -> None:
         build = P.build_groups_step(s, args.as_of)
         build["seconds_total"] = round(time.perf_counter() - t0, 1)
         print("groups:", json.dumps(build), flush=True)
-        if args.export_gpu:
-            export_gpu(args)
-            (Path(args.export_gpu) / "build.json").write_text(json.dumps(build, indent=1, default=str))
-            return
     elif args.as_of is None:
         raise SystemExit("--as-of is needed without --build")
     current = json.loads((P.retrain_dir(s, args.as_of) / "current.json").read_text())

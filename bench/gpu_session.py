@@ -6,11 +6,14 @@ Everything it reads was prepared on the CPU machine and travels in ``--inputs``:
 - ``label/*.json``: cluster inputs exported by ``persona-etl evaluate --export-llm-inputs`` (the evaluation's LLM
   sample) and ``bench/bench_training.py --export-gpu`` (the training build's held-out clusters), as the labeller
   sees them (``persona_tasks.labelling.replay``);
-- ``groups.json``: the training build's preference groups.
+- ``candidates/*.json``: training clusters (``bench/bench_training.py --export-gpu``);
+- ``groups.json``: the preference groups built from those candidates (a second run).
 
 Steps, each written to ``--out`` as soon as it is done (a run cut short still returns what it finished; a step
 that would start too close to ``--budget-s`` is skipped):
-1. the base model labels every ``label/*.json`` and ``label_base/*.json`` file (``labels_base_<name>.json``);
+1. the base model labels every ``label/*.json`` and ``label_base/*.json`` file (``labels_base_<name>.json``), and
+   samples K candidates per cluster of every ``candidates/*.json`` file (``candidates_<name>.json``; the preference
+   groups are validated, scored and ranked on the CPU machine: ``bench_training.py --build-from-gpu``);
 2. per training arm: ``train_arm`` on the groups (CUDA, bf16), then the merged adapter labels every
    ``label/*.json`` file (``labels_<arm>_<name>.json``); the adapters are kept;
 3. labelling throughput of the decoding arms (default ``skeleton`` and ``free``) per batch size.
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--learning-rate", type=float, default=None)
     ap.add_argument("--groups-per-batch", type=int, default=None)
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip steps that would start after this")
-    ap.add_argument("--skip", default="", help="comma list of steps to skip: throughput,base,train")
+    ap.add_argument("--skip", default="", help="comma list of steps to skip: base,candidates,train,throughput")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t_start = time.perf_counter()
@@ -111,6 +114,28 @@ def main(argv: list[str] | None = None) -> int:
     # 1. the base model's labels
     if "base" not in skip:
         label_all(model, "base")
+
+    # 1b. sampled candidates for preference groups (scored and ranked on the CPU machine: bench_training.py
+    #     --build-from-gpu), as build_groups_step samples them: training temperature, K sequences per prompt
+    cand_files = sorted((args.inputs / "candidates").glob("*.json"))
+    if "candidates" not in skip and cand_files:
+        from persona_tasks.labelling.replay import write_candidates
+
+        k = settings.training.num_candidates
+        clab = settings.labelling.model_copy(update={"temperature": settings.training.temperature,
+                                                     "batch_size": max(1, args.label_batch // k)})
+        gen = LLMLabeller(settings.model_copy(update={"labelling": clab}), model=model, tokenizer=tok,
+                          model_version=version)
+        for f in cand_files:
+            if left() < 30:
+                log.warning("budget: candidates %s skipped", f.stem)
+                continue
+            gen.stats = type(gen.stats)()
+            st = write_candidates(f, args.out / f"candidates_{f.stem}.json", gen, k, settings.training.seed)
+            summary["steps"].setdefault("candidates", {})[f.stem] = st
+            log.info("candidates %s: %d clusters, %d candidates (%d valid) in %.1fs", f.stem, st["clusters"],
+                     st["candidates"], st["valid"], st["wall_s"])
+            save()
 
     # 2. training arms, then their labels
     if "train" not in skip and (args.inputs / "groups.json").exists():

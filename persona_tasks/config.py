@@ -157,6 +157,9 @@ class LabellingSettings(BaseModel):
     # on 103 AOL / 50 MovieLens history clusters fallback 1.9% / 0% (free: 51.5%), objective 0.746 / 0.665 against
     # constrained 0.731 / 0.643 and the extractive labeller 0.747 / 0.642
     decoding: Literal["free", "constrained", "skeleton", "phrases"] = "skeleton"
+    # threads computing a batch's grammar masks in parallel (llguidance's executor; the grammar arms): None = the
+    # task's `threads`, 1 = one row after another. A large GPU batch is bound by this CPU work
+    grammar_threads: int | None = Field(default=None, ge=1)
     # attempts per cluster (1st greedy, later ones sampled) before the extractive fallback
     max_attempts: int = 3
     # candidates per cluster for LLMLabeller.label_candidates (sampled; the DPO trainer uses several)

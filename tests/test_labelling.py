@@ -466,6 +466,63 @@ def test_constrained_decoding_is_valid_by_construction_on_planted_clusters():
     assert all("Key terms: " in p.text and p.grammar for p in prompts)
 
 
+def test_grammar_masks_computed_in_parallel_equal_the_sequential_ones(tokenizer, tiny_model):
+    """[labelling] grammar_threads > 1 computes a batch's grammar masks with llguidance's executor (what a large GPU
+    batch needs); the generated text must be exactly what one-row-after-another masking gives."""
+    import persona_tasks.labelling.constrained as C
+    from persona_tasks.labelling import LLMLabeller
+
+    clusters = [cluster("u", "esp", PLAIN_ESPRESSO), cluster("u", "run", PLAIN_MARATHON),
+                cluster("v", "esp", PLAIN_ESPRESSO[::-1]), cluster("v", "run", PLAIN_MARATHON[:5])]
+    outs, calls = {}, []
+    real = C.grammar_constraint
+
+    def spy(tok, grammars, prompt_len, threads=1):
+        calls.append(threads)
+        return real(tok, grammars, prompt_len, threads)
+
+    C.grammar_constraint = spy
+    try:
+        for threads in (1, 3):
+            s = settings(max_new_tokens=40, max_attempts=2, batch_size=4, decoding="constrained",
+                         grammar_threads=threads)
+            lab = LLMLabeller(s, model=tiny_model, tokenizer=tokenizer, model_version="tiny")
+            greedy = lab.label(clusters)
+            sampled = lab.label_candidates(clusters[:2], num_candidates=3, seed=5)
+            outs[threads] = ([(p.label, p.description, p.evidence_ids, p.fallback) for p in greedy],
+                             [[c.completion for c in cs] for cs in sampled], dict(lab.stats.problems))
+    finally:
+        C.grammar_constraint = real
+    assert set(calls) == {1, 3}
+    assert outs[1] == outs[3]
+
+
+def test_candidates_sampled_elsewhere_replay_to_the_same_candidates(tokenizer, tiny_model, tmp_path):
+    """A GPU worker samples the preference candidates (labelling.replay.write_candidates); here they become the
+    same Candidates (prompt, completion, validity, persona) without a model call; other inputs are refused."""
+    from persona_tasks.labelling import LLMLabeller
+    from persona_tasks.labelling.replay import ReplayCandidates, ReplayError, write_candidates, write_inputs
+
+    clusters = [cluster("u", "esp", PLAIN_ESPRESSO), cluster("u", "run", PLAIN_MARATHON),
+                cluster("v", "noise", ["[rare] [rare]", "[rare]"])]   # no public word: no prompt, no candidates
+    s = settings(max_new_tokens=40, batch_size=4, decoding="constrained")
+    lab = LLMLabeller(s, model=tiny_model, tokenizer=tokenizer, model_version="tiny")
+    direct = lab.label_candidates(clusters, num_candidates=3, seed=5)
+    write_inputs(clusters, tmp_path / "in.json")
+    stats = write_candidates(tmp_path / "in.json", tmp_path / "cands.json", lab, 3, 5)
+    assert stats["clusters"] == 3 and stats["candidates"] == 6
+    replay = ReplayCandidates(lab, tmp_path / "cands.json")
+    again = replay.label_candidates(clusters, num_candidates=3)
+    assert [len(cs) for cs in again] == [3, 3, 0]
+    for a, b in zip(direct, again):
+        assert [(c.completion, c.checked.ok, c.checked.problems, c.persona) for c in a] == \
+               [(c.completion, c.checked.ok, c.checked.problems, c.persona) for c in b]
+    with pytest.raises(ReplayError, match="asked for"):
+        replay.label_candidates(clusters, num_candidates=4)
+    with pytest.raises(ReplayError, match="'esp'"):
+        replay.label_candidates([cluster("u", "esp", PLAIN_ESPRESSO[:3])])
+
+
 def test_constrained_vocabulary_cannot_assert_demographics_and_labels_start_with_content():
     from persona_tasks.labelling.constrained import cluster_vocabulary, persona_grammar
 

@@ -176,13 +176,24 @@ def ll_tokenizer(tokenizer: Any) -> Any:
     return cached
 
 
-def grammar_constraint(tokenizer: Any, grammars: list[str], prompt_len: int) -> Any:
-    """A transformers LogitsProcessor that keeps row ``i`` of a batch inside ``grammars[i]``."""
+@lru_cache(maxsize=4)
+def _executor(threads: int) -> Any:
+    import llguidance
+
+    return llguidance.LLExecutor(num_threads=threads)
+
+
+def grammar_constraint(tokenizer: Any, grammars: list[str], prompt_len: int, threads: int = 1) -> Any:
+    """A transformers LogitsProcessor that keeps row ``i`` of a batch inside ``grammars[i]``.
+
+    ``threads`` > 1: the rows' masks are computed in parallel by llguidance's executor (native threads, no GIL);
+    a large GPU batch is otherwise bound by this per-row CPU work. The masks are the same either way (tested)."""
     import llguidance
     import llguidance.torch as llt
     from transformers import LogitsProcessor
 
     lt = ll_tokenizer(tokenizer)
+    executor = _executor(threads) if threads > 1 and len(grammars) > 1 else None
 
     class GrammarConstraint(LogitsProcessor):
         def __init__(self) -> None:
@@ -195,12 +206,16 @@ def grammar_constraint(tokenizer: Any, grammars: list[str], prompt_len: int) -> 
 
         def __call__(self, input_ids: Any, scores: Any) -> Any:
             gen = input_ids[:, prompt_len:]
+            rows = gen.tolist() if executor is not None else None
             for i, m in enumerate(self.matchers):
-                new = gen[i, self.consumed[i]:].tolist()
+                new = (rows[i] if rows is not None else gen[i].tolist())[self.consumed[i]:]
                 self.consumed[i] = gen.shape[1]
                 if new and not m.is_stopped() and not m.is_error():
                     m.consume_tokens(new)
-                llt.fill_next_token_bitmask(m, self.bitmask, i)
+                if executor is None:
+                    llt.fill_next_token_bitmask(m, self.bitmask, i)
+            if executor is not None:
+                llt.fill_next_token_bitmask_par(executor, [(m, i) for i, m in enumerate(self.matchers)], self.bitmask)
             width = min(scores.shape[-1], lt.vocab_size)
             llt.apply_token_bitmask_inplace(scores[:, :width], self.bitmask.to(scores.device))
             if scores.shape[-1] > width:  # the model's padded vocabulary beyond the tokenizer's: never allowed

@@ -145,6 +145,7 @@ class LLMLabeller:
         self._format_token_ids = sorted({int(t) for t in tokenizer(fmt, add_special_tokens=False)["input_ids"]}
                                         - {int(t) for t in tokenizer("x y", add_special_tokens=False)["input_ids"]})
         self.extractive = ExtractiveLabeller(settings)
+        self._grammar_threads = self.cfg.grammar_threads or max(1, int(settings.threads or 1))
         self.stats = LabellerStats()
         eos = tokenizer.eos_token_id
         self._eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
@@ -203,7 +204,7 @@ class LLMLabeller:
 
                 # last: the mask decides what may follow, after every other change to the scores
                 processors.append(grammar_constraint(self.tokenizer, [p.grammar for p in prompts for _ in range(n)],
-                                                     enc["input_ids"].shape[1]))
+                                                     enc["input_ids"].shape[1], self._grammar_threads))
             if processors:
                 kw["logits_processor"] = LogitsProcessorList(processors)
             if do_sample:
@@ -360,11 +361,26 @@ class LLMLabeller:
         prompt or generation failed, or whose memories shown hold no public content word, gets an empty list."""
         k = max(1, num_candidates or self.cfg.num_candidates)
         prompts = self._prompts(clusters)
-        ok = [i for i, p in enumerate(prompts) if p is not None and has_public_content(p.shown_texts)]
+        ok = self._candidate_positions(prompts)
         comps = self.generate([prompts[i] for i in ok], do_sample=True, num_return_sequences=k,
                               seed=self.cfg.seed if seed is None else seed, desc="label-llm candidates")
+        return self._candidates(clusters, prompts, dict(zip(ok, comps)))
+
+    def candidates_from_completions(self, clusters: list[ClusterInput],
+                                    completions: list[list[str] | None]) -> list[list[Candidate]]:
+        """The candidates of completions generated elsewhere for these clusters (``labelling.replay``: a GPU
+        worker's), through the same prompts, checks and personas as ``label_candidates``; no model call."""
+        prompts = self._prompts(clusters)
+        return self._candidates(clusters, prompts, {i: completions[i] for i in self._candidate_positions(prompts)})
+
+    @staticmethod
+    def _candidate_positions(prompts: list[PromptSpec | None]) -> list[int]:
+        return [i for i, p in enumerate(prompts) if p is not None and has_public_content(p.shown_texts)]
+
+    def _candidates(self, clusters: list[ClusterInput], prompts: list[PromptSpec | None],
+                    comps: dict[int, list[str] | None]) -> list[list[Candidate]]:
         out: list[list[Candidate]] = [[] for _ in clusters]
-        for i, comp in zip(ok, comps):
+        for i, comp in comps.items():
             p = prompts[i]
             assert p is not None
             for text in comp or []:

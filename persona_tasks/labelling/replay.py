@@ -22,6 +22,7 @@ from persona_tasks.errors import PersonaEtlError
 from persona_tasks.labelling.types import ClusterInput, PersonaLabel
 
 FORMAT = "persona-etl-labels/1"
+CANDIDATES_FORMAT = "persona-etl-candidates/1"
 
 
 class ReplayError(PersonaEtlError):
@@ -124,3 +125,49 @@ class ReplayLabeller:
                                   f"{', '.join(map(str, self.paths))} (the inputs changed since they were exported)")
             out.append(PersonaLabel(**{k: v for k, v in row.items() if k != "digest"}))
         return out
+
+
+def write_candidates(inputs_path: Path, out_path: Path, llm: Any, num_candidates: int, seed: int) -> dict:
+    """Sampled candidates (``LLMLabeller.label_candidates``) for every cluster of ``inputs_path``: their raw
+    completions, keyed by input digest, to ``out_path`` (a GPU worker's share of building preference groups)."""
+    clusters = read_inputs(inputs_path)
+    t0 = time.perf_counter()
+    cands = llm.label_candidates(clusters, num_candidates=num_candidates, seed=seed) if clusters else []
+    stats = dict(llm.stats.as_dict())
+    stats.update(wall_s=round(time.perf_counter() - t0, 3), clusters=len(clusters),
+                 candidates=sum(len(cs) for cs in cands), valid=sum(c.persona is not None for cs in cands for c in cs))
+    out = {"format": CANDIDATES_FORMAT, "model_version": llm.model_version, "num_candidates": num_candidates,
+           "seed": seed, "stats": stats,
+           "candidates": [{"digest": input_digest(c), "user_id": c.user_id, "cluster_id": c.cluster_id,
+                           "completions": [x.completion for x in cs]} for c, cs in zip(clusters, cands)]}
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(json.dumps(out, ensure_ascii=False))
+    return stats
+
+
+class ReplayCandidates:
+    """``label_candidates`` answered from a candidates file: the completions a worker sampled, checked and turned
+    into personas here by ``llm`` (an ``LLMLabeller``: its prompts, validation and persona building; its model is
+    not called). For ``train.groups.build_groups``."""
+
+    def __init__(self, llm: Any, path: Path):
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != CANDIDATES_FORMAT:
+            raise ReplayError(f"{path}: not a candidates file (format {data.get('format')!r})")
+        self.llm, self.path = llm, Path(path)
+        self.model_version = data["model_version"]
+        self.num_candidates = data["num_candidates"]
+        self.stats = _ReplayStats([data.get("stats") or {}])
+        self.by_digest = {row["digest"]: row["completions"] for row in data["candidates"]}
+
+    def label_candidates(self, clusters: list[ClusterInput], num_candidates: int | None = None,
+                         seed: int | None = None) -> list:
+        if num_candidates is not None and num_candidates != self.num_candidates:
+            raise ReplayError(f"{self.path}: {self.num_candidates} candidates per cluster, {num_candidates} asked for")
+        comps = []
+        for c in clusters:
+            if input_digest(c) not in self.by_digest:
+                raise ReplayError(f"cluster {c.cluster_id!r} of user {c.user_id!r}: no candidates for this input in "
+                                  f"{self.path} (the inputs changed since they were exported)")
+            comps.append(self.by_digest[input_digest(c)])
+        return self.llm.candidates_from_completions(clusters, comps)
