@@ -35,6 +35,15 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PERSONA_ETL_MODELS_DIR=/tmp/models PERSONA_ETL_WAREHOUSE=/tmp/wh.duckdb PERSONA_ETL_THREADS=8
 export PERSONA_ETL_LABELLING__MODEL_PATH="$GG"
 mkdir -p /tmp/gs_out
+# transformers 5.17 (the GPU image's) converts this GGUF's tokenizer wrongly (eos <|im_start|>, a byte-fallback
+# decoder that llguidance's tokenizer view cannot use: every grammar-arm answer came out empty); the lock's
+# transformers converts it right. .gpu_b/tok/ carries the tokenizer files converted here; they replace the GPU's.
+if [ -d .gpu_b/tok ]; then
+  CONV=$(python3 -c "from persona_tasks.config import load_settings; from persona_tasks.labelling.model import resolve_model; print(resolve_model(load_settings())[0])" 2>/dev/null | tail -1)
+  [ -d "$CONV" ] || { echo "GGUF conversion failed"; exit 5; }
+  for f in .gpu_b/tok/*; do case "$f" in *.gz) gunzip -c "$f" > "$CONV/$(basename "${f%.gz}")";; *) cp "$f" "$CONV/";; esac; done
+  echo "tokenizer files replaced in $CONV"
+fi
 for f in .gpu_b/inputs/*.gz .gpu_b/inputs/*/*.gz; do [ -f "$f" ] && gunzip -f "$f"; done
 timeout "${GPU_SESSION_TIMEOUT:-500}" python3 bench/gpu_session.py --inputs .gpu_b/inputs --out /tmp/gs_out "$@" 2>&1 \
   | grep -vE "Loading weights|it/s\]|examples/s\]|FutureWarning|warnings.warn"
