@@ -5,8 +5,11 @@
     whose events changed since the last build (macro changed_event_dates) with delete+insert on event_date;
     a full refresh gives the same rows, ids included.
 
-    The aggregation builds each session's actions as one list of structs and sorts it by position
-    (list_sort), which is much cheaper in DuckDB than several ordered aggregates (list(... order by ...)).
+    The aggregation collects each session's actions as one list of structs, in whatever order the hash aggregate
+    saw them, and puts it in session order once: list_grade_up sorts the integer positions (the struct field seq)
+    and list_select applies that permutation. Profiled with EXPLAIN ANALYZE (docs/performance.md), this is much
+    cheaper in DuckDB than list_sort on the structs (its sort keys encode every string of the struct) and than
+    several ordered aggregates (list(... order by ...)).
     The position is int_sessions.event_seq, i.e. the event order of macro event_order (event_ts, then a search
     before other types at equal timestamps, then event_id): memory_text, embedding_text and event_ids follow it.
 
@@ -62,33 +65,35 @@ sessions as (
         min(event_ts) as started_at,
         max(event_ts) as ended_at,
         count(*) as n_actions,
-        list_sort(list(struct_pack(
+        list(struct_pack(
             seq := event_seq, event_id := event_id, event_type := event_type, action_text := action_text,
             content_text := content_text
-        ))) as actions
+        )) as actions
     from events
     group by source, user_id, event_date, session_index
 
 ),
 
-summarised as (
+ordered as (
 
+    -- session order: the permutation that sorts the positions, applied to the session's actions
     select
-        *,
+        source,
+        user_id,
+        event_date,
+        started_at,
+        ended_at,
+        n_actions,
         {{ session_id('source', 'user_id', 'started_at') }} as session_id,
+        list_transform(actions, lambda a: a.event_id) as event_ids,
         list_transform(actions, lambda a: a.event_type) as types_in_order,
-        -- consecutive identical parts are written once
-        array_to_string(
-            list_transform(
-                list_filter(actions, lambda a, i: i = 1 or a.action_text is distinct from actions[i - 1].action_text),
-                lambda a: a.action_text
-            ),
-            '; '
-        ) as full_text,
-        -- the content parts (stg_events.content_text: queries, titles; no template words, no clicked sites), each
-        -- distinct part once, in order of first occurrence
+        list_transform(actions, lambda a: a.action_text) as parts,
+        -- the content parts (stg_events.content_text: queries, titles; no template words, no clicked sites)
         list_filter(list_transform(actions, lambda a: a.content_text), lambda c: c is not null) as content_parts
-    from sessions
+    from (
+        select * replace (list_select(actions, list_grade_up(list_transform(actions, lambda a: a.seq))) as actions)
+        from sessions
+    )
 
 ),
 
@@ -96,13 +101,23 @@ texts as (
 
     select
         *,
+        -- consecutive identical parts are written once
+        array_to_string(list_filter(parts, lambda p, i: i = 1 or p is distinct from parts[i - 1]), '; ')
+            as full_text,
+        -- each distinct content part once, in order of first occurrence
+        array_to_string(list_filter(content_parts, lambda c, i: list_position(content_parts, c) = i), '; ')
+            as content_joined
+    from ordered
+
+),
+
+embedded as (
+
+    select
+        *,
         -- a session without any content part (only clicks, say) is embedded as its display text
-        coalesce(
-            nullif(array_to_string(
-                list_filter(content_parts, lambda c, i: list_position(content_parts, c) = i), '; '), ''),
-            full_text
-        ) as content_text
-    from summarised
+        coalesce(nullif(content_joined, ''), full_text) as content_text
+    from texts
 
 )
 
@@ -115,13 +130,7 @@ select
     ended_at,
     cast(n_actions as integer) as n_actions,
     -- distinct event types in order of first occurrence
-    list_transform(
-        list_sort(list_transform(
-            list_distinct(types_in_order),
-            lambda t: struct_pack(first_position := list_position(types_in_order, t), event_type := t)
-        )),
-        lambda x: x.event_type
-    ) as event_types,
+    list_filter(types_in_order, lambda t, i: list_position(types_in_order, t) = i) as event_types,
     case
         when length(full_text) > {{ max_chars }} then left(full_text, {{ max_chars - 1 }}) || '…'
         else full_text
@@ -130,6 +139,6 @@ select
         when length(content_text) > {{ max_chars }} then left(content_text, {{ max_chars - 1 }}) || '…'
         else content_text
     end as embedding_text,
-    list_transform(actions, lambda a: a.event_id) as event_ids,
+    event_ids,
     source
-from texts
+from embedded
