@@ -22,7 +22,11 @@ Methods (every one timed after a warm-up, so numba compilation is reported apart
   random_state=seed)`` then ``hdbscan.HDBSCAN(min_cluster_size=--naive-min-cluster-size)``; noise stays noise;
   users with fewer than 10 memories get one cluster.
 * every registered strategy of ``persona_tasks.cluster`` (``hdbscan_direct`` is the default) with the configured
-  rules (candidate selection by cohesion, same-intent merge, noise join).
+  rules (candidate selection by cohesion, same-intent merge, noise join). ``global_umap_hdbscan``'s one UMAP is
+  fitted before the timed loop (``fit_seconds``, once per refit period in production) on a stable sample of
+  ``global_umap_fit_sample`` pool memories, or with ``--fit-pool-users N`` of N further synth users (another seed,
+  embedded exactly and cached) so that no clustered memory is in the fit sample; the exact users are also run in two
+  folds (``exact_held_out``), each clustered with a UMAP fitted on the other fold's memories.
 
 Metrics, per user then averaged (unassigned/noise memories count as singleton clusters for ARI/NMI):
 ARI and NMI against the planted personas, cohesion (mean silhouette on cosine of the 384-d embeddings over all
@@ -77,11 +81,11 @@ def _with_time(mem: pl.DataFrame) -> pl.DataFrame:
 
 
 def pool_embeddings(settings: Settings, pool_users: int, memories: int, seed: int, cache_dir: Path | None,
-                    log: list[str]) -> tuple[pl.DataFrame, np.ndarray, dict[str, Any]]:
+                    log: list[str], offset: int = POOL_SEED_OFFSET) -> tuple[pl.DataFrame, np.ndarray, dict[str, Any]]:
     from persona_tasks import synth
     from persona_tasks.embed import embedder_from_settings
 
-    mem = _with_time(synth.generate_memories(pool_users, memories, seed=seed + POOL_SEED_OFFSET))
+    mem = _with_time(synth.generate_memories(pool_users, memories, seed=seed + offset))
     emb = embedder_from_settings(settings)
     texts = mem["embedding_text"].to_list()
     digest = hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
@@ -218,7 +222,22 @@ def _summarise(labels, ari, nmi, coh, ncl, k) -> dict[str, float]:
     }
 
 
-def run_dataset(name: str, frame: pl.DataFrame, settings: Settings, strategies: list[str], args) -> dict[str, Any]:
+def fit_global(fit_x: np.ndarray, fit_ids: list[str], settings: Settings, s: str) -> tuple[Any, dict[str, Any]]:
+    """The strategy with its global UMAP fitted on ``fit_x`` (a stable sample of at most ``global_umap_fit_sample``
+    by md5 of the ids, as ``cluster.ensure_global_umap`` samples the warehouse), and the fit's figures."""
+    cfg = settings.clustering
+    strat = C.get_strategy(s, cfg)
+    idx = C.stable_sample(fit_ids, cfg.global_umap_fit_sample)
+    t0 = time.perf_counter()
+    model = C.fit_global_umap(fit_x[idx], cfg)
+    fit_s = time.perf_counter() - t0
+    return (C.Strategy(strat.name, C.GlobalUMAPReducer(model, cfg.global_umap_fit_sample), strat.clusterer),
+            {"fit_seconds": round(fit_s, 2), "fit_sample": int(idx.size)})
+
+
+def run_dataset(name: str, frame: pl.DataFrame, settings: Settings, strategies: list[str], args,
+                fit: tuple[np.ndarray, list[str]] | None = None) -> dict[str, Any]:
+    """``fit``: embeddings and ids a global UMAP is fitted on (default: the frame's own)."""
     cfg = settings.clustering
     n_users = frame["user_id"].n_unique()
     out: dict[str, Any] = {"users": n_users, "memories": frame.height, "methods": {}}
@@ -228,9 +247,16 @@ def run_dataset(name: str, frame: pl.DataFrame, settings: Settings, strategies: 
                                  "users_per_s": round(n_users / secs, 1), **evaluate(frame, labels)}
     for s in strategies:
         warm = C.warm_up(s, cfg)
-        res = C.cluster_frame(frame, cfg, s, progress_name=f"bench {s}")
+        strat, extra = C.get_strategy(s, cfg), {}
+        if isinstance(strat.reducer, C.GlobalUMAPReducer):
+            # fitted once per embedding model / refit schedule, not per day: timed apart from the daily work
+            fx, fids = fit if fit is not None else (
+                C.embeddings_to_numpy(frame["embedding"]), frame["memory_id"].to_list())
+            strat, extra = fit_global(fx, fids, settings, s)
+            extra["fit_on"] = "given fit set" if fit is not None else "the clustered memories (in-sample)"
+        res = C.cluster_frame(frame, cfg, strat, progress_name=f"bench {s}")
         labels = res.assignments["cluster_id"].fill_null(-1).to_numpy()
-        out["methods"][s] = {"seconds": round(res.seconds, 3), "warmup_seconds": round(warm, 2),
+        out["methods"][s] = {"seconds": round(res.seconds, 3), "warmup_seconds": round(warm, 2), **extra,
                              "users_per_s": round(n_users / res.seconds, 1), **evaluate(frame, labels),
                              "chosen_params": {str(k): v for k, v in res.users["param"].value_counts()
                                                .sort("param").iter_rows()}}
@@ -238,6 +264,28 @@ def run_dataset(name: str, frame: pl.DataFrame, settings: Settings, strategies: 
     for m in out["methods"].values():
         m["speedup_vs_naive"] = round(base["seconds"] / m["seconds"], 1) if base else None
     print_table(name, out)
+    return out
+
+
+def held_out(pool: pl.DataFrame, pool_x: np.ndarray, settings: Settings, strategies: list[str], args
+             ) -> dict[str, Any]:
+    """Two folds of the exact users (alternate users by id): a global UMAP fitted on one fold's memories clusters
+    the other fold's users; every strategy runs on the same folds. Means of the two folds."""
+    users = sorted(pool["user_id"].unique().to_list())
+    fold_a = set(users[::2])
+    in_a = np.array([u in fold_a for u in pool["user_id"].to_list()])
+    folds = []
+    for fit_mask in (in_a, ~in_a):
+        sub = pool.filter(pl.Series(~fit_mask))
+        fit = (pool_x[fit_mask], pool.filter(pl.Series(fit_mask))["memory_id"].to_list())
+        folds.append(run_dataset("exact, held-out fold (global UMAP fitted on the other fold's memories)",
+                                 frame_of(sub, pool_x[~fit_mask]), settings, strategies,
+                                 argparse.Namespace(**{**vars(args), "skip_naive": True}), fit=fit))
+    out: dict[str, Any] = {"folds": 2, "users": sum(f["users"] for f in folds),
+                           "memories": sum(f["memories"] for f in folds), "methods": {}}
+    for s in folds[0]["methods"]:
+        out["methods"][s] = {k: round(float(np.mean([f["methods"][s][k] for f in folds])), 4)
+                             for k in ("ari", "nmi", "cohesion", "coverage", "clusters_per_user", "seconds")}
     return out
 
 
@@ -267,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--naive-min-cluster-size", type=int, default=3)
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--skip-exact", action="store_true", help="do not run the methods on the exact pool users")
+    p.add_argument("--fit-pool-users", type=int, default=0,
+                   help="fit global UMAPs on this many further synth users (another seed, embedded exactly) instead "
+                   "of the pool: no clustered memory is then in the fit sample (default 0: fit on the pool)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     p.add_argument("--no-cache", action="store_true", help="re-embed the pool even if cached")
     p.add_argument("--strict", action="store_true", help="exit 1 when the default's claim does not hold")
@@ -286,12 +337,24 @@ def main(argv: list[str] | None = None) -> int:
     pool, pool_x, pool_info = pool_embeddings(settings, args.pool_users, args.memories, args.seed,
                                               None if args.no_cache else args.out / "cache", notes)
     results: dict[str, Any] = {}
+    pool_fit = (pool_x, pool["memory_id"].to_list())
+    fit_info = {"fit_on": "the pool (every memory of the exact and resampled sets is a pool memory)"}
+    if args.fit_pool_users:
+        fpool, fpool_x, finfo = pool_embeddings(settings, args.fit_pool_users, args.memories, args.seed,
+                                                None if args.no_cache else args.out / "cache", notes,
+                                                offset=2 * POOL_SEED_OFFSET)
+        pool_fit = (fpool_x, fpool["memory_id"].to_list())
+        fit_info = {"fit_on": "a separate synth pool (seed + 2 x pool offset): no clustered memory is in the fit "
+                              "sample", **finfo}
     if not args.skip_exact:
         results["exact"] = run_dataset("exact (pool users, own texts, real MiniLM)", frame_of(pool, pool_x),
-                                       settings, strategies, args)
+                                       settings, strategies, args, fit=pool_fit)
+        if any(isinstance(C.get_strategy(s, settings.clustering).reducer, C.GlobalUMAPReducer) for s in strategies):
+            results["exact_held_out"] = held_out(pool, pool_x, settings, strategies, args)
     mem, x = resampled_users(args.users, args.memories, args.seed, pool, pool_x)
+    # a global UMAP is fitted on the pool: the distinct memories the resampled users' embeddings are drawn from
     results["resampled"] = run_dataset("resampled (bench users, pool embeddings of their planted persona)",
-                                       frame_of(mem, x), settings, strategies, args)
+                                       frame_of(mem, x), settings, strategies, args, fit=pool_fit)
 
     verdict = None
     main_res = results["resampled"]["methods"]
@@ -313,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "pool": pool_info,
+        "global_umap_fit": fit_info,
         "clustering_settings": settings.clustering.model_dump(),
         "threads": settings.threads,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},

@@ -348,6 +348,42 @@ def clustering_verdict(d) -> str:
             f"{v.ari_naive:.3f}: the claim (>= 10x, ARI no lower) {'holds' if v.holds else 'does not hold'}")
 
 
+def global_umap_table(d) -> str:
+    """bench_clustering_global_umap: each set of bench_clustering.py runs, the default strategy and
+    global_umap_hdbscan side by side (seconds per 10k users and the ratio against the default of the same run)."""
+    sets = [("bench", "resampled", "separate synth pool"), ("bench", "exact", "separate synth pool"),
+            ("bench", "exact_held_out", "the other fold of the exact users"),
+            ("bench_fit_on_pool", "resampled", "the pool (in-sample)"),
+            ("bench_fit_on_pool", "exact", "the pool (in-sample)")]
+    out = ["| set | users | global UMAP fitted on | method | fit s | seconds | s per 10k users | x default | ARI | "
+           "NMI | coverage | clusters/user |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run, part, fit_on in sets:
+        r = d[run].results[part]
+        methods = r.methods
+        base = methods[d.default].seconds
+        for name, m in methods.items():
+            per10k = 10_000 * m.seconds / r.users
+            fit = m.get("fit_seconds")
+            out.append(f"| {part} | {r.users:,} | {fit_on if name != d.default else '-'} | {name} | "
+                       f"{'-' if fit is None else f'{fit:.1f}'} | {m.seconds:.2f} | {per10k:.1f} | "
+                       f"{m.seconds / base:.1f}x | {m.ari:.3f} | {m.nmi:.3f} | {m.coverage:.3f} | "
+                       f"{m.clusters_per_user:.2f} |")
+    return "\n".join(out)
+
+
+def global_umap_eval_table(d) -> str:
+    """The evaluation (persona_tasks.evaluate) run once per strategy: AOL Hit@10 and the planted-persona check."""
+    out = ["| strategy | AOL persona text Hit@10 | AOL multi-centroid Hit@10 | AOL multi-evidence Hit@10 | "
+           "AOL personas/user | planted ARI | planted NMI |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, e in d.evaluate.runs.items():
+        aol = e.datasets.aol
+        out.append(f"| {name}{' (default)' if name == d.default else ''} | "
+                   f"{hit(aol.methods.multi_extractive['hit@10'])} | {hit(aol.methods.multi_centroid['hit@10'])} | "
+                   f"{hit(aol.methods.multi_evidence['hit@10'])} | "
+                   f"{aol.personas.personas_per_user:.2f} | {e.synthetic.ari:.3f} | {e.synthetic.nmi:.3f} |")
+    return "\n".join(out)
+
+
 def clustering_text_table(d) -> str:
     out = ["| text embedded | merge_min_similarity | ARI | NMI | clusters/user (planted) |",
            "|---|---:|---:|---:|---:|"]
@@ -590,7 +626,8 @@ HELPERS: dict[str, Callable] = {
     f.__name__: f for f in (
         ratio, pct, hit, minutes, src, raw, memories_table, embedding_cpu_table, embedding_backends_table,
         embedding_gpu_table,
-        static_quality_table, clustering_table, clustering_verdict, clustering_text_table, labelling_table,
+        static_quality_table, clustering_table, clustering_verdict, clustering_text_table, global_umap_table,
+        global_umap_eval_table, labelling_table,
         extractive_line, best_run, per_cluster, arm_of, labelling_arms_table, arms_setup, quality_auc_table,
         evaluate_timings_table, daily_table, step_seconds, steps_total, daily_estimate_table, estimate_total, gates_total,
         gates_cost_table, gates_docs_table, incremental_table, incremental_full_table)

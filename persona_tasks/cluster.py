@@ -14,6 +14,18 @@ Strategies (``bench/bench_clustering.py`` compares them on planted personas):
   spanning tree per user serves every ``min_cluster_size`` candidate. No numba, no compile cost.
 - ``umap_hdbscan`` (the design document's method): UMAP (cosine, ``umap_n_components`` dims, seeded) then
   HDBSCAN (Euclidean) on the reduced points.
+- ``global_umap_hdbscan``: one UMAP (cosine, ``umap_n_components`` dims, seeded) fitted on a stable sample of
+  ``global_umap_fit_sample`` memories of *all* users, then HDBSCAN (Euclidean) per user on their memories' UMAP
+  coordinates (``GlobalUMAP.transform``). The fit is stored (``ensure_global_umap``: ``model.npz`` and
+  ``meta.json`` under ``global_umap_dir/<embedding model version>/<fit date>/``, default
+  ``<warehouse folder>/models/global_umap``) and reused by every day within ``global_umap_refit_days`` of it; a new
+  embedding model version, other UMAP settings or an older fit trigger a refit on the memories up to the day. The
+  daily run fits (when due) in its embed step, which has the warehouse, and every shard loads that one fit. The
+  transform is exact-neighbour and scaled per memory (``GlobalUMAP``), so a memory's coordinates depend only on it
+  and the stored fit: a user's clusters are the same whichever other users are active that day and however the
+  users are sharded, and a rerun of a day gives identical clusters. Rule 2 does not apply (the transform needs no
+  room: small users are placed like any memory). Without a stored fit (tests, benchmarks, the evaluation)
+  ``cluster_frame`` fits one on a sample of the frame it clusters.
 - ``pca_hdbscan``: PCA (``pca_n_components``) then HDBSCAN; a cheap linear reducer for comparison.
 - ``agglomerative``: average-linkage clustering on cosine distance, cut at each of
   ``agglomerative_distance_candidates``; never produces noise.
@@ -34,6 +46,13 @@ agglomerative       0.712  0.723  411                       33x
 
 UMAP buys nothing once the rules below are applied (ARI 0.876 vs 0.878; it is slightly better on users with one
 persona, slightly worse on users with several) and costs ~25x the time plus a numba compile per process.
+``global_umap_hdbscan`` (one UMAP for all users, stored, applied with ``transform``;
+``bench/results/bench_clustering_global_umap.json``, 10,000 resampled users on ``embedding_text``, UMAP fitted on
+5,000 memories of other synth users) raises planted-persona ARI / NMI from 0.729 / 0.744 to 0.776 / 0.799 at 3.8x
+the default's time (97 s against 26 s per 10,000 users; fit 3 s, once per refit period). On the real AOL sample it
+does not win: persona-text Hit@10 55.71 -> 54.06, multi-centroid 61.36 -> 61.80, multi-evidence 62.95 -> 63.68, with
+9.3 personas per user instead of 7.9. So the default stays ``hdbscan_direct``; the evaluation on real data decides.
+
 Almost all of the gain over the naive loop comes from the rules: the naive loop leaves single-persona users
 split (HDBSCAN never returns one cluster: ARI 0 on them) and splits personas into sub-topics. The parameter
 values (``min_samples=1``, candidates 3/5/8, merge at 0.3, noise join at 0.2) were chosen on two generators
@@ -91,8 +110,9 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
+from datetime import date, datetime, timezone
+from pathlib import Path
 from typing import Protocol
 
 import duckdb
@@ -186,6 +206,204 @@ class PCAReducer:
         return (u[:, :k] * s[:k]) * signs, EUCLIDEAN
 
 
+# --- one UMAP for all users (global_umap_hdbscan) ---------------------------------------------------------------
+
+GLOBAL_UMAP_RECIPE = "global-umap-v1"   # bump when the fit or the transform below changes meaning
+
+
+def stable_sample(keys: Sequence[str], k: int) -> np.ndarray:
+    """Indices of the ``k`` keys with the smallest md5 (in that order; as ``ORDER BY md5(key)`` in SQL)."""
+    digests = np.array([hashlib.md5(str(key).encode("utf-8")).hexdigest() for key in keys])
+    return np.argsort(digests, kind="stable")[:k] if len(keys) else np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class GlobalUMAP:
+    """A UMAP fitted once on a sample of all users' memory embeddings, applied to any memory with ``transform``.
+
+    Stored as plain arrays (``model.npz``: the fit sample's normalised embeddings and their UMAP coordinates, the
+    curve parameters ``a, b``) plus ``meta.json`` (embedding model version, fit date, sample size, parameters,
+    seed, library versions): no pickle, so a stored model loads under any umap-learn version.
+
+    ``transform`` follows ``umap.UMAP.transform`` (fuzzy k-nearest-neighbour graph to the fit sample, start at the
+    weighted mean of the neighbours' coordinates, SGD with the sample fixed) with two changes that make a memory's
+    coordinates depend only on that memory and the model, never on the other memories transformed with it (so a
+    user's clusters do not depend on the day's other active users or on the shard count): exact neighbours (one
+    matrix product with the sample, instead of an approximate index whose random state is shared by a batch), and
+    edge weights scaled by their maximum possible value 1 instead of the batch's maximum. umap's SGD already seeds
+    each point's negative sampling from its own starting coordinates and never moves the sample.
+    """
+
+    sample: np.ndarray       # (s, d) float32, L2-normalised embeddings the UMAP was fitted on
+    embedding: np.ndarray    # (s, k) float32, their UMAP coordinates
+    a: float
+    b: float
+    meta: dict
+
+    @property
+    def n_components(self) -> int:
+        return int(self.embedding.shape[1])
+
+    def transform(self, x: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """UMAP coordinates ``(n, k)`` float64 of L2-normalised embeddings ``(n, d)``; row by row independent."""
+        from sklearn.utils import check_random_state
+        from umap.layouts import optimize_layout_euclidean
+        from umap.umap_ import smooth_knn_dist
+
+        n = x.shape[0]
+        k_out = self.n_components
+        if n == 0:
+            return np.zeros((0, k_out))
+        m = self.meta
+        k = int(min(m["n_neighbors"], self.sample.shape[0]))
+        n_epochs = int(m["transform_epochs"])
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        idx = np.empty((n, k), dtype=np.int32)
+        dst = np.empty((n, k), dtype=np.float32)
+        for a0 in range(0, n, chunk):
+            s = x[a0:a0 + chunk] @ self.sample.T                      # cosine similarity (rows normalised)
+            part = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else np.tile(
+                np.arange(s.shape[1]), (s.shape[0], 1))
+            d = np.clip(1.0 - np.take_along_axis(s, part, axis=1), 0.0, 2.0)
+            order = np.lexsort((part, d), axis=1)                     # by distance, ties by sample index
+            idx[a0:a0 + chunk] = np.take_along_axis(part, order, axis=1)
+            dst[a0:a0 + chunk] = np.take_along_axis(d, order, axis=1)
+        # as umap.UMAP.transform: local_connectivity - 1 = 0, so no distance offset
+        sigmas, rhos = smooth_knn_dist(dst, float(k), local_connectivity=0.0)
+        w = np.where(dst - rhos[:, None] <= 0.0, 1.0,
+                     np.exp(-(dst - rhos[:, None]) / sigmas[:, None])).astype(np.float32)
+        # start: weighted mean of the neighbours' coordinates (a memory identical to a sample memory starts there)
+        emb = self.embedding
+        z = np.einsum("nk,nkc->nc", w / np.maximum(w.sum(axis=1, keepdims=True), 1e-12), emb[idx]).astype(np.float32)
+        exact = w >= 1.0
+        if exact.any():
+            rows = np.flatnonzero(exact.any(axis=1))
+            first = np.where(exact[rows], idx[rows], np.iinfo(np.int32).max).min(axis=1)
+            z[rows] = emb[first]
+        # SGD: edges below 1/n_epochs of the largest possible weight (1) are dropped, as umap drops those below
+        # 1/n_epochs of the batch's largest; an edge of weight w is sampled every 1/w epochs
+        keep = w >= 1.0 / n_epochs
+        head = np.repeat(np.arange(n, dtype=np.int32), k)[keep.ravel()]
+        tail = idx.ravel()[keep.ravel()].astype(np.int32)
+        weight = w.ravel()[keep.ravel()].astype(np.float64)
+        epochs_per_sample = 1.0 / weight
+        rng_state = check_random_state(int(m["seed"])).randint(np.iinfo(np.int32).min, np.iinfo(np.int32).max,
+                                                               3).astype(np.int64)
+        z = np.ascontiguousarray(z)
+        z = optimize_layout_euclidean(
+            z, emb.astype(np.float32, copy=True), head, tail, n_epochs, self.sample.shape[0], epochs_per_sample,
+            self.a, self.b, rng_state, 1.0, 1.0 / 4.0, float(m.get("negative_sample_rate", 5)), False,
+            verbose=False, move_other=False,
+        )
+        return np.asarray(z, dtype=np.float64)
+
+    # --- persistence ---------------------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> Path:
+        """Write ``model.npz`` and ``meta.json`` into ``path`` (a new folder, renamed into place: atomic)."""
+        import json
+        import shutil
+        import tempfile
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            np.savez(tmp / "model.npz", sample=self.sample, embedding=self.embedding,
+                     ab=np.array([self.a, self.b], dtype=np.float64))
+            (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, sort_keys=True, default=str))
+            tmp.chmod(0o755)
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.replace(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> GlobalUMAP:
+        import json
+
+        path = Path(path)
+        with np.load(path / "model.npz") as f:
+            sample, embedding, ab = f["sample"], f["embedding"], f["ab"]
+        meta = json.loads((path / "meta.json").read_text())
+        return cls(np.ascontiguousarray(sample, dtype=np.float32), np.ascontiguousarray(embedding, dtype=np.float32),
+                   float(ab[0]), float(ab[1]), meta)
+
+
+def fit_global_umap(x: np.ndarray, cfg: ClusteringSettings, **meta) -> GlobalUMAP:
+    """Fit the global UMAP on normalised embeddings ``x`` (the sample; seeded, single-threaded: deterministic).
+
+    ``meta``: recorded with the model (``model_version``, ``fitted_on``, ...)."""
+    import umap
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.simplefilter("ignore")
+        model = umap.UMAP(
+            n_components=cfg.umap_n_components,
+            n_neighbors=max(2, min(cfg.umap_n_neighbors, x.shape[0] - 1)),
+            min_dist=cfg.umap_min_dist,
+            metric="cosine",
+            n_epochs=cfg.global_umap_fit_epochs,
+            random_state=cfg.seed,
+            n_jobs=1,
+            low_memory=True,
+            verbose=False,
+        ).fit(x)
+    info = {
+        "recipe": GLOBAL_UMAP_RECIPE, "n_sample": int(x.shape[0]), "dim": int(x.shape[1]),
+        "n_components": cfg.umap_n_components, "n_neighbors": int(model.n_neighbors), "min_dist": cfg.umap_min_dist,
+        "fit_epochs": cfg.global_umap_fit_epochs, "transform_epochs": cfg.global_umap_transform_epochs,
+        "negative_sample_rate": int(model.negative_sample_rate), "seed": cfg.seed,
+        "fit_seconds": round(time.perf_counter() - t0, 2), "umap_learn": umap.__version__,
+        "sample_digest": hashlib.sha256(x.tobytes()).hexdigest()[:16],
+    }
+    info.update(meta)
+    return GlobalUMAP(x, np.ascontiguousarray(model.embedding_, dtype=np.float32), float(model._a),
+                      float(model._b), info)
+
+
+@dataclass(frozen=True)
+class GlobalUMAPReducer:
+    """Reducer of ``global_umap_hdbscan``: a memory's coordinates in one UMAP fitted for all users.
+
+    ``model`` None: ``prepare`` fits one on a stable sample (md5 of ``memory_id``) of the frame being clustered
+    (tests, benchmarks, evaluation); the daily run passes the persisted model (``ensure_global_umap``)."""
+
+    model: GlobalUMAP | None = None
+    fit_sample: int = 5_000
+    name: str = "global_umap"
+
+    def prepare(self, x: np.ndarray, memory_ids: Sequence[str], cfg: ClusteringSettings) -> GlobalUMAPReducer:
+        if self.model is not None:
+            self.check(cfg, x.shape[1])
+            return self
+        idx = stable_sample(list(memory_ids), self.fit_sample)
+        log.info("cluster: fitting a global UMAP on %d of %d memories (no persisted model given)", idx.size,
+                 x.shape[0])
+        return GlobalUMAPReducer(fit_global_umap(x[idx], cfg, model_version=None, fitted_on=None),
+                                 self.fit_sample, self.name)
+
+    def check(self, cfg: ClusteringSettings, dim: int) -> None:
+        m = self.model.meta if self.model is not None else {}
+        if self.model is not None and (m.get("dim") != dim or m.get("recipe") != GLOBAL_UMAP_RECIPE):
+            raise ClusteringError(f"global UMAP model (dim {m.get('dim')}, {m.get('recipe')}) does not fit "
+                                  f"embeddings of dim {dim} / recipe {GLOBAL_UMAP_RECIPE}")
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        if self.model is None:
+            raise ClusteringError("global UMAP reducer without a model: call prepare() first")
+        return self.model.transform(x)
+
+    def reduce(self, x: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
+        return self.transform(x), EUCLIDEAN
+
+
 def warm_up(strategy: Strategy | str | None = None, cfg: ClusteringSettings | None = None) -> float:
     """Run the strategy once on a tiny input so numba compilation (UMAP) happens before the real work.
 
@@ -197,6 +415,15 @@ def warm_up(strategy: Strategy | str | None = None, cfg: ClusteringSettings | No
     rng = np.random.default_rng(0)
     x = rng.normal(size=(max(cfg.umap_min_memories, 20), 16))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
+    if isinstance(strat.reducer, GlobalUMAPReducer):
+        model = strat.reducer.model
+        if model is None:  # compiles the fit's numba functions too (the in-process fit needs them)
+            model = fit_global_umap(x, cfg)
+        else:
+            x = rng.normal(size=(20, model.sample.shape[1]))
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+        model.transform(x)
+        return time.perf_counter() - t0
     strat.reducer.reduce(x.astype(np.float32), cfg.seed)
     return time.perf_counter() - t0
 
@@ -347,6 +574,12 @@ def _umap_hdbscan(cfg: ClusteringSettings) -> Strategy:
     )
 
 
+@register_strategy("global_umap_hdbscan")
+def _global_umap_hdbscan(cfg: ClusteringSettings) -> Strategy:
+    return Strategy("global_umap_hdbscan", GlobalUMAPReducer(None, cfg.global_umap_fit_sample), _hdbscan(cfg),
+                    "one UMAP fitted on a sample of all users' memories (transform), then HDBSCAN per user")
+
+
 @register_strategy("pca_hdbscan")
 def _pca_hdbscan(cfg: ClusteringSettings) -> Strategy:
     return Strategy("pca_hdbscan", PCAReducer(cfg.pca_n_components), _hdbscan(cfg), "PCA then HDBSCAN, per user")
@@ -485,8 +718,10 @@ class ClusteringPipeline:
         self.cfg = cfg or ClusteringSettings()
         self.strategy = get_strategy(strategy or self.cfg.strategy, self.cfg)
 
-    def cluster_user(self, x: np.ndarray) -> UserClustering:
-        """Cluster one user's L2-normalised embeddings ``(n, d)``, rows in canonical (time) order."""
+    def cluster_user(self, x: np.ndarray, z: np.ndarray | None = None) -> UserClustering:
+        """Cluster one user's L2-normalised embeddings ``(n, d)``, rows in canonical (time) order.
+
+        ``z``: the rows already reduced (Euclidean; a global reducer transforms all users at once)."""
         cfg = self.cfg
         n = x.shape[0]
         if n == 0:
@@ -502,7 +737,7 @@ class ClusteringPipeline:
         cands = clusterer.candidates(n)
         best: tuple[float, float, np.ndarray, np.ndarray, np.ndarray] | None = None
         if cands:
-            z, metric = self.strategy.reducer.reduce(x, cfg.seed)
+            z, metric = (z, EUCLIDEAN) if z is not None else self.strategy.reducer.reduce(x, cfg.seed)
             labelings = clusterer.fit_candidates(z, metric, dist if metric == COSINE and z is x else None, cands)
             for param, raw in zip(cands, labelings):
                 raw = np.asarray(raw, dtype=np.int64)
@@ -628,6 +863,15 @@ def cluster_frame(
         raise ClusteringError("embeddings contain NaN or infinite values")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     x = x / np.maximum(norms, 1e-12)
+    reduced = None
+    if isinstance(pipe.strategy.reducer, GlobalUMAPReducer) and n:
+        # one model for every user: fitted here on a sample of the frame unless the strategy carries one
+        reducer = pipe.strategy.reducer.prepare(x, frame["memory_id"].to_list(), pipe.cfg)
+        pipe.strategy = replace(pipe.strategy, reducer=reducer)
+        t1 = time.perf_counter()
+        with threadpool_limits(1):
+            reduced = reducer.transform(x)
+        log.info("cluster: global UMAP transform of %d memories in %.1fs", n, time.perf_counter() - t1)
     user_col = frame["user_id"]
     # user boundaries (frame is sorted by user_id)
     if n:
@@ -645,7 +889,7 @@ def cluster_frame(
     # 2-core machine), so the loop runs single-threaded; parallelism comes from shards (processes)
     with Progress(progress_name, total=len(starts), unit="users") as progress, threadpool_limits(1):
         for uid, a, b in zip(user_ids, starts.tolist(), ends.tolist()):
-            r = pipe.cluster_user(x[a:b])
+            r = pipe.cluster_user(x[a:b], None if reduced is None else reduced[a:b])
             labels[a:b] = r.labels
             central[a:b] = r.centrality
             noise[a:b] = r.noise
@@ -682,22 +926,123 @@ def cluster_users(
     shard: int | None = None,
     n_shards: int | None = None,
     strategy: Strategy | str | None = None,
+    global_umap: GlobalUMAP | None = None,
 ) -> ClusteringResult:
     """Cluster the users of one shard (all users when ``shard``/``n_shards`` are None) with the configured strategy.
 
     ``embeddings``: ``user_id, memory_id, embedding`` [, ``started_at``] (see ``load_cluster_input``). Pins
     torch/BLAS threads to ``settings.threads`` and warms UMAP up first when the strategy uses it.
+    ``global_umap``: the stored model of ``global_umap_hdbscan`` (``ensure_global_umap``); without one that
+    strategy fits a model on this frame's memories (so the result would depend on the shard: a warning).
     """
     set_threads(settings.threads)
     cfg = settings.clustering
     strat = get_strategy(strategy or cfg.strategy, cfg)
     frame = shard_filter(embeddings, shard, n_shards)
-    if isinstance(strat.reducer, UMAPReducer) and frame.height:
+    if isinstance(strat.reducer, GlobalUMAPReducer):
+        if global_umap is not None:
+            strat = replace(strat, reducer=replace(strat.reducer, model=global_umap))
+        elif strat.reducer.model is None and frame.height:
+            log.warning("cluster: %s without a stored global UMAP: fitting one on this input's memories", strat.name)
+    if isinstance(strat.reducer, (UMAPReducer, GlobalUMAPReducer)) and frame.height:
         log.info("cluster: numba warm-up %.1fs", warm_up(strat, cfg))
     result = cluster_frame(frame, cfg, strat, progress_name=f"cluster[{strat.name}]"
                            + (f" shard {shard}/{n_shards}" if shard is not None else ""))
     log.info("cluster: %s", result.summary())
     return result
+
+
+# --- the stored global UMAP -------------------------------------------------------------------------------------
+
+def global_umap_root(settings: Settings) -> Path:
+    """``[clustering] global_umap_dir`` (relative to the project), default ``<warehouse folder>/models/global_umap``."""
+    d = settings.clustering.global_umap_dir
+    if d is None:
+        return Path(settings.warehouse).parent / "models" / "global_umap"
+    return d if d.is_absolute() else settings.project_dir / d
+
+
+def _safe_name(v: str) -> str:
+    return "".join(c if c.isalnum() or c in "._+-" else "-" for c in v)
+
+
+def _fit_params(cfg: ClusteringSettings) -> dict:
+    """What a stored fit must agree on with the settings to be reused."""
+    return {"recipe": GLOBAL_UMAP_RECIPE, "n_components": cfg.umap_n_components, "min_dist": cfg.umap_min_dist,
+            "fit_epochs": cfg.global_umap_fit_epochs, "transform_epochs": cfg.global_umap_transform_epochs,
+            "seed": cfg.seed, "fit_sample": cfg.global_umap_fit_sample, "n_neighbors_asked": cfg.umap_n_neighbors}
+
+
+def find_global_umap(settings: Settings, model_version: str, run_date: date) -> Path | None:
+    """The stored fit a day uses: for ``model_version``, with the configured parameters, the latest fitted on or
+    before ``run_date`` and less than ``global_umap_refit_days`` before it (None: a fit is due)."""
+    import json
+
+    d = global_umap_root(settings) / _safe_name(model_version)
+    if not d.is_dir():
+        return None
+    want = _fit_params(settings.clustering)
+    for p in sorted((q for q in d.iterdir() if q.is_dir() and not q.name.startswith(".")), reverse=True):
+        try:
+            fitted = date.fromisoformat(p.name)
+            meta = json.loads((p / "meta.json").read_text())
+        except (ValueError, OSError):
+            continue
+        if fitted > run_date:
+            continue
+        if (run_date - fitted).days >= settings.clustering.global_umap_refit_days:
+            return None
+        if meta.get("model_version") == model_version and all(meta.get(k) == v for k, v in want.items()):
+            return p
+    return None
+
+
+def ensure_global_umap(settings: Settings, con: duckdb.DuckDBPyConnection, model_version: str,
+                       run_date: date) -> Path:
+    """The folder of the global UMAP a day uses (``find_global_umap``), fitted and stored first when due: on a
+    stable sample (smallest md5 of ``memory_id``) of ``global_umap_fit_sample`` memories of all users that started
+    before the end of ``run_date`` and whose current text is embedded with ``model_version``. Fitting is seeded
+    and single-threaded, so refitting the same day gives the same model."""
+    from persona_tasks.days import day_end
+
+    found = find_global_umap(settings, model_version, run_date)
+    if found is not None:
+        return found
+    cfg = settings.clustering
+    ensure_schema(con)
+    t0 = time.perf_counter()
+    rows = con.sql(
+        f"""
+        SELECT m.memory_id, e.embedding
+        FROM marts.intent_memories m
+        JOIN {EMBEDDINGS_TABLE} e
+          ON e.memory_id = m.memory_id AND e.model_version = $v AND e.text_md5 = md5(coalesce(m.embedding_text, ''))
+        WHERE m.started_at < $end
+        ORDER BY md5(m.memory_id), m.memory_id
+        LIMIT $k
+        """,
+        params={"v": model_version, "end": day_end(run_date), "k": int(cfg.global_umap_fit_sample)},
+    ).pl()
+    if rows.height < max(cfg.umap_n_neighbors + 1, 3):
+        raise ClusteringError(f"global UMAP: only {rows.height} embedded memories up to {run_date}; "
+                              f"not enough to fit (needs more than n_neighbors={cfg.umap_n_neighbors})")
+    x = embeddings_to_numpy(rows["embedding"])
+    model = fit_global_umap(x, cfg, model_version=model_version, fitted_on=run_date.isoformat(),
+                            n_neighbors_asked=cfg.umap_n_neighbors, fit_sample=cfg.global_umap_fit_sample)
+    path = model.save(global_umap_root(settings) / _safe_name(model_version) / run_date.isoformat())
+    log.info("cluster: fitted the global UMAP on %d memories in %.1fs -> %s", rows.height,
+             time.perf_counter() - t0, path)
+    return path
+
+
+def global_umap_for(settings: Settings, con: duckdb.DuckDBPyConnection, model_version: str,
+                    run_date: date | None = None) -> GlobalUMAP | None:
+    """The stored global UMAP when the configured strategy uses one (fitted first when due); else None."""
+    strat = get_strategy(settings.clustering.strategy, settings.clustering)
+    if not isinstance(strat.reducer, GlobalUMAPReducer):
+        return None
+    day = run_date or datetime.now(timezone.utc).date()
+    return GlobalUMAP.load(ensure_global_umap(settings, con, model_version, day))
 
 
 # --- warehouse --------------------------------------------------------------------------------------------------
@@ -826,7 +1171,8 @@ def run_clustering(
         con = connect(settings)
     try:
         frame = load_cluster_input(con, version, shard, n_shards)
-        result = cluster_users(settings, frame, strategy=settings.clustering.strategy)
+        result = cluster_users(settings, frame, strategy=settings.clustering.strategy,
+                               global_umap=global_umap_for(settings, con, version))
         write_clusters(con, result, version, shard, n_shards)
         return result
     finally:
@@ -835,9 +1181,11 @@ def run_clustering(
 
 
 __all__ = [
-    "STRATEGIES", "AgglomerativeClusterer", "ClusteringPipeline", "ClusteringResult", "Clusterer",
-    "HDBSCANClusterer", "IdentityReducer", "PCAReducer", "Reducer", "Strategy", "UMAPReducer", "UserClustering",
-    "canonical_order", "cluster_frame", "cluster_users", "cohesion", "get_strategy", "join_noise",
-    "load_cluster_input", "merge_similar", "register_strategy", "run_clustering", "shard_of", "shard_sql",
+    "STRATEGIES", "AgglomerativeClusterer", "ClusteringPipeline", "ClusteringResult", "Clusterer", "GlobalUMAP",
+    "GlobalUMAPReducer", "HDBSCANClusterer", "IdentityReducer", "PCAReducer", "Reducer", "Strategy", "UMAPReducer",
+    "UserClustering",
+    "canonical_order", "cluster_frame", "cluster_users", "cohesion", "ensure_global_umap", "find_global_umap",
+    "fit_global_umap", "get_strategy", "global_umap_for", "global_umap_root", "join_noise",
+    "load_cluster_input", "merge_similar", "register_strategy", "run_clustering", "shard_of", "shard_sql", "stable_sample",
     "warm_up", "write_clusters",
 ]

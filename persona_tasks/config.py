@@ -107,7 +107,7 @@ class ClusteringSettings(BaseModel):
     seed: int = 42
     # users with fewer memories than this get one cluster of all their memories (no clustering)
     min_memories: int = 3
-    # registered strategy: hdbscan_direct | umap_hdbscan | pca_hdbscan | agglomerative
+    # registered strategy: hdbscan_direct | umap_hdbscan | global_umap_hdbscan | pca_hdbscan | agglomerative
     strategy: str = "hdbscan_direct"
     # HDBSCAN min_cluster_size values tried per user; the most cohesive result wins
     min_cluster_size_candidates: list[int] = Field(default_factory=lambda: [3, 5, 8])
@@ -124,6 +124,18 @@ class ClusteringSettings(BaseModel):
     # users with fewer memories than this skip UMAP (its spectral init / kNN graph need room)
     umap_min_memories: int = 10
     pca_n_components: int = 10
+    # global_umap_hdbscan: one UMAP (umap_n_components / umap_n_neighbors / umap_min_dist above) fitted on a stable
+    # sample (md5 of memory_id) of this many memories of all users, stored under global_umap_dir/<embedding model
+    # version>/<fit date>/ and applied to each day's active users with transform (persona_tasks.cluster)
+    global_umap_fit_sample: int = Field(default=5_000, ge=100)
+    # a day uses the latest stored fit (of its embedding model version) at most this many days older than itself;
+    # otherwise the fit is redone on the memories up to that day. A new embedding model version always refits
+    global_umap_refit_days: int = Field(default=30, ge=1)
+    # SGD epochs of the fit and of each transform (umap's defaults: 200 for a large fit, transform a third of it)
+    global_umap_fit_epochs: int = Field(default=200, ge=1)
+    global_umap_transform_epochs: int = Field(default=30, ge=1)
+    # where fits are stored; unset = <warehouse folder>/models/global_umap
+    global_umap_dir: Path | None = None
     # cosine-distance cut-offs tried by the agglomerative strategy (average linkage)
     agglomerative_distance_candidates: list[float] = Field(default_factory=lambda: [0.6, 0.7, 0.8])
 

@@ -148,7 +148,7 @@ def embed(settings: Settings, run_date: date | str, full: bool = False) -> dict:
     when ``full``), embed their memories and export their clustering input for the shards."""
     import polars as pl
 
-    from persona_tasks.cluster import load_cluster_input
+    from persona_tasks.cluster import GlobalUMAPReducer, ensure_global_umap, get_strategy, load_cluster_input
     from persona_tasks.embed import embedder_from_settings, embed_memories
     from persona_tasks.identity import active_users
     from persona_tasks.warehouse import connect, query_pl
@@ -163,6 +163,10 @@ def embed(settings: Settings, run_date: date | str, full: bool = False) -> dict:
         rep = embed_memories(settings, con, memories=memories, embedder=embedder)
         frame = load_cluster_input(con, embedder.model_version, users=active).filter(
             pl.col("started_at") < day_end(day))
+        # global_umap_hdbscan: the shards all apply the one stored UMAP of the day (fitted here when due)
+        umap_path = (ensure_global_umap(settings, con, embedder.model_version, day)
+                     if isinstance(get_strategy(settings.clustering.strategy, settings.clustering).reducer,
+                                   GlobalUMAPReducer) else None)
     path = run_dir(settings, day) / "cluster_input.parquet"
     tmp = path.with_suffix(".parquet.tmp")
     frame.write_parquet(tmp)
@@ -170,7 +174,7 @@ def embed(settings: Settings, run_date: date | str, full: bool = False) -> dict:
     return {"run_date": day.isoformat(), "model_version": embedder.model_version, "memories": memories.height,
             "embedded": rep.n_new, "encoded": rep.n_encoded, "cluster_input": str(path),
             "cluster_rows": frame.height, "users": frame["user_id"].n_unique() if frame.height else 0,
-            "active_users": len(active), "full": full}
+            "active_users": len(active), "full": full, "global_umap": str(umap_path) if umap_path else None}
 
 
 # --- 6. cluster one shard (no warehouse access) ----------------------------------------------------------------
@@ -186,11 +190,13 @@ def cluster_shard(settings: Settings, run_date: date | str, shard: int, n_shards
     """Cluster the users of one shard (``cluster.shard_of``) from the exported input; results to Parquet."""
     import polars as pl
 
-    from persona_tasks.cluster import cluster_users
+    from persona_tasks.cluster import GlobalUMAP, cluster_users
 
     day = as_date(run_date)
     frame = pl.read_parquet(embedded["cluster_input"])
-    result = cluster_users(settings, frame, shard=shard, n_shards=n_shards)
+    umap_path = embedded.get("global_umap")
+    result = cluster_users(settings, frame, shard=shard, n_shards=n_shards,
+                           global_umap=GlobalUMAP.load(umap_path) if umap_path else None)
     a_path, u_path = _shard_paths(settings, day, shard, n_shards)
     for df, p in ((result.assignments, a_path), (result.users, u_path)):
         tmp = p.with_suffix(".tmp")

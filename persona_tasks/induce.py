@@ -82,12 +82,12 @@ def latest_event_date(con: duckdb.DuckDBPyConnection) -> date:
 def cluster_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date,
                  users: list[str] | None = None, shard: int | None = None, n_shards: int | None = None):
     """Cluster the memories (up to ``run_date``) of the given users / shard and store the clusters."""
-    from persona_tasks.cluster import cluster_users, load_cluster_input, write_clusters
+    from persona_tasks.cluster import cluster_users, global_umap_for, load_cluster_input, write_clusters
     from persona_tasks.embed import embedder_from_settings
 
     version = embedder_from_settings(settings).model_version
     frame = load_cluster_input(con, version, shard, n_shards, users).filter(pl.col("started_at") < day_end(run_date))
-    result = cluster_users(settings, frame)
+    result = cluster_users(settings, frame, global_umap=global_umap_for(settings, con, version, run_date))
     write_clusters(con, result, version, shard, n_shards)
     return result
 
