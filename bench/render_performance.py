@@ -412,6 +412,17 @@ def labelling_table(*files) -> str:
     return "\n".join(out)
 
 
+def decoding_runs_table(d) -> str:
+    """bench/gpu_session.py throughput runs: one row per decoding arm and batch size."""
+    out = ["| decoding | batch | clusters/s | prompts/s | generated tokens/s | fallback rate | time in `generate` s | "
+           "wall s | peak GPU MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in d.runs:
+        out.append(f"| {r.decoding} | {r.batch_size} | {r.clusters_per_s:.1f} | {r.prompts_per_s:.1f} | "
+                   f"{r.tokens_per_s:,.0f} | {r.fallback_rate:.3f} | {r.generate_s:.1f} | {r.wall_s:.1f} | "
+                   f"{'' if r.get('peak_gpu_mib') is None else f'{r.peak_gpu_mib:,.0f}'} |")
+    return "\n".join(out)
+
+
 def extractive_line(*files) -> str:
     return "; ".join(f"{d.extractive.clusters_per_s:.1f} clusters/s on {d.clusters} clusters "
                      f"({d.cuda + ' machine' if d.cuda else f'{d.cpu_threads} CPU threads'})" for d in files)
@@ -627,7 +638,7 @@ HELPERS: dict[str, Callable] = {
         ratio, pct, hit, minutes, src, raw, memories_table, embedding_cpu_table, embedding_backends_table,
         embedding_gpu_table,
         static_quality_table, clustering_table, clustering_verdict, clustering_text_table, global_umap_table,
-        global_umap_eval_table, labelling_table,
+        global_umap_eval_table, labelling_table, decoding_runs_table,
         extractive_line, best_run, per_cluster, arm_of, labelling_arms_table, arms_setup, quality_auc_table,
         evaluate_timings_table, daily_table, step_seconds, steps_total, daily_estimate_table, estimate_total, gates_total,
         gates_cost_table, gates_docs_table, incremental_table, incremental_full_table)

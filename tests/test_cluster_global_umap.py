@@ -170,8 +170,9 @@ def test_run_clustering_with_the_stored_model_is_repeatable(planted, tmp_path):
 
 
 def test_daily_run_fits_once_in_embed_and_every_shard_applies_it(tmp_path_factory):
-    """The DAG's task functions with this strategy: the embed step stores the day's fit, the shards load it, and a
-    rerun of the day reuses it and publishes the same personas."""
+    """The DAG's task functions with this strategy: the embed step stores the day's fit and the shards load it.
+    (A rerun's reuse of the stored fit and identical clusters are tested above without the whole day, which costs
+    minutes in CI.)"""
     from persona_tasks import daily
     from persona_tasks.synth import generate_events, write_events
     from persona_tasks.warehouse import connect, query_pl
@@ -188,12 +189,6 @@ def test_daily_run_fits_once_in_embed_and_every_shard_applies_it(tmp_path_factor
         orchestration={"landing_dir": str(tmp / "landing"), "landing_format": "events", "landing_source": "synth",
                        "n_shards": 2})
 
-    def published() -> dict:
-        with connect(settings) as con:
-            return {t: query_pl(con, f"SELECT * FROM personas.{t} ORDER BY ALL").drop(
-                        "created_at", "published_at", strict=False).to_dicts()
-                    for t in ("personas", "persona_evidence")}
-
     first = daily.run_day(settings, day)
     path = first["embed"]["global_umap"]
     assert path is not None and path.startswith(str(tmp / "wh" / "models" / "global_umap"))
@@ -201,7 +196,4 @@ def test_daily_run_fits_once_in_embed_and_every_shard_applies_it(tmp_path_factor
     assert meta["model_version"] == first["embed"]["model_version"] and meta["fitted_on"] == day
     with connect(settings) as con:
         assert set(query_pl(con, "SELECT DISTINCT strategy FROM personas.memory_clusters")["strategy"]) == {STRATEGY}
-    before = published()
-    again = daily.run_day(settings, day)
-    assert again["embed"]["global_umap"] == path
-    assert published() == before
+        assert query_pl(con, "SELECT count(*) AS n FROM personas.current_personas")["n"][0] > 0

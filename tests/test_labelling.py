@@ -238,6 +238,22 @@ def settings(**labelling):
     return s
 
 
+def test_a_gguf_tokenizer_converted_with_the_wrong_end_of_sequence_is_refused(tokenizer):
+    """transformers 5.17 converts SmolLM2's GGUF tokenizer with <|im_start|> (id 1) as end of sequence; the file
+    declares <|im_end|> (id 2). The lock's transformers gets it right; a wrong one must fail the conversion."""
+    from types import SimpleNamespace
+
+    from persona_tasks.labelling.model import (LabellingError, check_converted_tokenizer, default_gguf_path,
+                                               gguf_eos_token_id)
+
+    path = default_gguf_path()
+    assert gguf_eos_token_id(path) == 2 == tokenizer.eos_token_id
+    check_converted_tokenizer(path, tokenizer)                       # the lock's conversion passes
+    wrong = SimpleNamespace(eos_token_id=1, eos_token="<|im_start|>")   # what transformers 5.17 produced
+    with pytest.raises(LabellingError, match="declares 2"):
+        check_converted_tokenizer(path, wrong)
+
+
 def test_prompt_caps_tokens_orders_by_centrality_and_maps_ids(tokenizer):
     from persona_tasks.labelling.prompt import PREFILL, build_prompt
 

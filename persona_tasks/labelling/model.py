@@ -136,6 +136,32 @@ def dir_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
+def gguf_eos_token_id(gguf_path: Path) -> int | None:
+    """The end-of-sequence token id the GGUF file declares (``tokenizer.ggml.eos_token_id``), or None."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf_path).fields.get("tokenizer.ggml.eos_token_id")
+    return None if field is None or not field.data else int(field.parts[field.data[0]][0])
+
+
+def check_converted_tokenizer(gguf_path: Path, tokenizer: Any) -> None:
+    """Refuse a tokenizer converted from ``gguf_path`` whose end-of-sequence token is not the file's.
+
+    Why: transformers 5.17 converts SmolLM2's GGUF tokenizer with ``<|im_start|>`` as eos and a byte-fallback
+    decoder; generation then never stops where the model means to, and llguidance cannot use the tokenizer (every
+    grammar-arm answer came out empty on a GPU machine with that version). The lock's transformers converts it
+    right; this check makes any other version fail loudly instead of labelling with a broken tokenizer."""
+    want = gguf_eos_token_id(gguf_path)
+    got = getattr(tokenizer, "eos_token_id", None)
+    if want is not None and got != want:
+        import transformers
+
+        raise LabellingError(
+            f"{gguf_path}: transformers {transformers.__version__} converted its tokenizer with end-of-sequence "
+            f"token id {got} ({getattr(tokenizer, 'eos_token', None)!r}), but the file declares {want}: this "
+            "transformers version converts GGUF tokenizers wrongly; install the lock's (requirements/lock.txt)")
+
+
 def convert_gguf(gguf_path: Path, models_dir: Path) -> tuple[Path, str]:
     """Convert a GGUF file once to a safetensors model directory in ``models_dir``; returns (dir, version)."""
     import torch
@@ -156,6 +182,7 @@ def convert_gguf(gguf_path: Path, models_dir: Path) -> tuple[Path, str]:
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kw)
     except Exception as e:  # transformers raises many kinds; name the file, not the internals
         raise LabellingError(f"{gguf_path}: cannot be loaded as a GGUF causal LM ({type(e).__name__}: {e})") from e
+    check_converted_tokenizer(gguf_path, tokenizer)
     t_load = time.perf_counter() - t0
     # save_pretrained refuses a GGUF-quantised model: rebuild it from its config without quantisation
     cfg_dict = gguf_model.config.to_dict()
