@@ -201,15 +201,14 @@ def grammar_constraint(tokenizer: Any, grammars: list[str], prompt_len: int, thr
             for m in self.matchers:
                 if m.is_error():
                     raise ValueError(f"persona grammar rejected by llguidance: {m.get_error()}")
-            self.consumed = [0] * len(grammars)
+            self.consumed = 0  # generated positions already fed to the matchers (every row advances together)
             self.bitmask = llt.allocate_token_bitmask(len(grammars), lt.vocab_size)
 
         def __call__(self, input_ids: Any, scores: Any) -> Any:
-            gen = input_ids[:, prompt_len:]
-            rows = gen.tolist() if executor is not None else None
+            new_tokens = input_ids[:, prompt_len + self.consumed:].tolist()  # one transfer for the whole batch
+            self.consumed = input_ids.shape[1] - prompt_len
             for i, m in enumerate(self.matchers):
-                new = (rows[i] if rows is not None else gen[i].tolist())[self.consumed[i]:]
-                self.consumed[i] = gen.shape[1]
+                new = new_tokens[i]
                 if new and not m.is_stopped() and not m.is_error():
                     m.consume_tokens(new)
                 if executor is None:
