@@ -166,7 +166,8 @@ def _content_hash(label: str, description: str, memory_ids) -> str:
 
 def label_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date, labeller: str = "extractive",
                users: list[str] | None = None, llm_max_users: int | None = None,
-               report: InduceReport | None = None, full: bool = False) -> InduceReport:
+               report: InduceReport | None = None, full: bool = False,
+               active: pl.DataFrame | None = None) -> InduceReport:
     """Match the active users' new clusters to their current personas (persona_tasks.identity), label the
     clusters that need it, embed the personas, and stage the run (not yet published).
 
@@ -181,7 +182,8 @@ def label_step(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: dat
     run_id = f"{run_date.isoformat()}-{labeller}"
     report = report or InduceReport(run_date=run_date, run_id=run_id)
     t0 = time.perf_counter()
-    active = active_users(con, run_date, full)
+    if active is None:  # the CLI path passes the set it computed before embedding (the same: nothing between
+        active = active_users(con, run_date, full)  # them changes marts.intent_memories); a DAG task computes it
     if users is not None:
         active = active.filter(pl.col("user_id").is_in(users))
     active_ids = active["user_id"].to_list()
@@ -380,7 +382,7 @@ def induce(settings: Settings, labeller: str = "extractive", users: list[str] | 
             report.n_memories = int(result.users["n_memories"].sum()) if result.users.height else 0
         report.timings_s["cluster"] = round(time.perf_counter() - t, 2)
         label_step(settings, con, run_date, labeller, users=users, llm_max_users=llm_max_users, report=report,
-                   full=full)
+                   full=full, active=active)
         if report.n_personas:
             quality_step(settings, con, run_date, users=users, report=report)
         t = time.perf_counter()
