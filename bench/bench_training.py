@@ -129,7 +129,6 @@ def build_from_gpu(args) -> dict:
     ranked here (``build_groups`` with ``ReplayCandidates``); the base model's held-out labels from the same run
     are the current labeller's metrics (``current.json``). Writes ``groups.json`` for the training run."""
     from persona_tasks.embed import embedder_from_settings
-    from persona_tasks.labelling.llm import LLMLabeller
     from persona_tasks.labelling.model import load_causal_lm
     from persona_tasks.labelling.replay import ReplayCandidates, ReplayLabeller
     from persona_tasks.train import pipeline as P
@@ -141,10 +140,7 @@ def build_from_gpu(args) -> dict:
     embedder = embedder_from_settings(s)
     data = P._clusters(s, args.as_of, embedder)
     model, tok, version = load_causal_lm(s, adapter=False)
-    k = s.training.num_candidates
-    lab = s.labelling.model_copy(update={"temperature": s.training.temperature,
-                                         "batch_size": max(1, s.labelling.batch_size // k)})
-    checker = LLMLabeller(s.model_copy(update={"labelling": lab}), model=model, tokenizer=tok, model_version=version)
+    checker = P.candidate_labeller(s, model, tok, version)
     t0 = time.perf_counter()
     build = build_groups(s, data, ReplayCandidates(checker, src / "candidates_train.json"), embedder)
     save_build(build, d / "groups")

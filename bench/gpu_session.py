@@ -120,12 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     cand_files = sorted((args.inputs / "candidates").glob("*.json"))
     if "candidates" not in skip and cand_files:
         from persona_tasks.labelling.replay import write_candidates
+        from persona_tasks.train.pipeline import candidate_labeller
 
         k = settings.training.num_candidates
-        clab = settings.labelling.model_copy(update={"temperature": settings.training.temperature,
-                                                     "batch_size": max(1, args.label_batch // k)})
-        gen = LLMLabeller(settings.model_copy(update={"labelling": clab}), model=model, tokenizer=tok,
-                          model_version=version)
+        gen = candidate_labeller(settings, model, tok, version)
         for f in cand_files:
             if left() < 30:
                 log.warning("budget: candidates %s skipped", f.stem)

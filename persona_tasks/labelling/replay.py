@@ -70,6 +70,11 @@ def label_inputs_file(inputs_path: Path, out_path: Path, labeller: Any, meta: di
     return stats
 
 
+def _missing(c: ClusterInput, what: str, paths: list) -> ReplayError:
+    return ReplayError(f"cluster {c.cluster_id!r} of user {c.user_id!r}: no {what} for this input in "
+                       f"{', '.join(map(str, paths))} (the inputs changed since they were exported)")
+
+
 class _ReplayStats:
     """The stats the labelling run recorded, summed over the files (LabellerStats' ``as_dict`` shape)."""
 
@@ -121,8 +126,7 @@ class ReplayLabeller:
         for c in clusters:
             row = self.by_digest.get(input_digest(c))
             if row is None:
-                raise ReplayError(f"cluster {c.cluster_id!r} of user {c.user_id!r}: no label for this input in "
-                                  f"{', '.join(map(str, self.paths))} (the inputs changed since they were exported)")
+                raise _missing(c, "label", self.paths)
             out.append(PersonaLabel(**{k: v for k, v in row.items() if k != "digest"}))
         return out
 
@@ -166,8 +170,8 @@ class ReplayCandidates:
             raise ReplayError(f"{self.path}: {self.num_candidates} candidates per cluster, {num_candidates} asked for")
         comps = []
         for c in clusters:
-            if input_digest(c) not in self.by_digest:
-                raise ReplayError(f"cluster {c.cluster_id!r} of user {c.user_id!r}: no candidates for this input in "
-                                  f"{self.path} (the inputs changed since they were exported)")
-            comps.append(self.by_digest[input_digest(c)])
+            found = self.by_digest.get(input_digest(c))
+            if found is None:
+                raise _missing(c, "candidates", [self.path])
+            comps.append(found)
         return self.llm.candidates_from_completions(clusters, comps)

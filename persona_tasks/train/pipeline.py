@@ -129,6 +129,19 @@ def paired_difference(a: list[float | None], b: list[float | None], samples: int
             "ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]}
 
 
+def candidate_labeller(settings: Settings, model: Any, tokenizer: Any, version: str) -> Any:
+    """The LLMLabeller that samples preference candidates: the training temperature, and as many prompts per
+    generate call as keep the K sequences each at ``labelling.batch_size`` (also what checks candidates sampled
+    elsewhere: ``labelling.replay.ReplayCandidates``)."""
+    from persona_tasks.labelling.llm import LLMLabeller
+
+    k = settings.training.num_candidates
+    lab = settings.labelling.model_copy(update={"temperature": settings.training.temperature,
+                                                "batch_size": max(1, settings.labelling.batch_size // k)})
+    return LLMLabeller(settings.model_copy(update={"labelling": lab}), model=model, tokenizer=tokenizer,
+                       model_version=version)
+
+
 def build_groups_step(settings: Settings, as_of: date | str) -> dict:
     """Preference groups from the snapshot with the current labeller (files ``groups/``), and the current
     labeller's held-out metrics (``current.json``)."""
@@ -143,13 +156,7 @@ def build_groups_step(settings: Settings, as_of: date | str) -> dict:
     embedder = embedder_from_settings(settings)
     data = _clusters(settings, as_of, embedder)
     model, tok, version = load_causal_lm(settings)  # the current labeller: promoted adapter merged, if any
-    # K sequences per prompt: as many prompts per generate call as keep the sequences at labelling.batch_size
-    k = settings.training.num_candidates
-    lab = settings.labelling.model_copy(update={"temperature": settings.training.temperature,
-                                                "batch_size": max(1, settings.labelling.batch_size // k)})
-    gen = LLMLabeller(settings.model_copy(update={"labelling": lab}), model=model, tokenizer=tok,
-                      model_version=version)
-    build = build_groups(settings, data, gen, embedder)
+    build = build_groups(settings, data, candidate_labeller(settings, model, tok, version), embedder)
     save_build(build, d / "groups")
     held = data.subset("heldout", settings.training.heldout_max_clusters)
     current = evaluate_labeller(settings, data, held, LLMLabeller(settings, model=model, tokenizer=tok,
