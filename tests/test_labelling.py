@@ -513,6 +513,43 @@ def test_grammar_masks_computed_in_parallel_equal_the_sequential_ones(tokenizer,
     assert outs[1] == outs[3]
 
 
+def test_grammar_rows_stop_without_the_stopping_criterion(tokenizer, tiny_model):
+    """Under a grammar no stopping criterion runs (its decode of every row at every step is O(batch x length^2)):
+    a finished grammar allows only the eos token, so greedy and sampled outputs, and the generated-token counts,
+    equal those of a run that also applies the free arm's criterion."""
+    import persona_tasks.labelling.llm as L
+    from persona_tasks.labelling import LLMLabeller
+
+    clusters = [cluster("u", "esp", PLAIN_ESPRESSO), cluster("u", "run", PLAIN_MARATHON),
+                cluster("v", "run", PLAIN_MARATHON[:5])]
+    real = L._stopping_criteria
+    used = []
+
+    def always(labeller, prompts, prompt_len, n):
+        labeller._grammar_eos_stops = False  # as if the grammar's eos were not one of the model's
+        crit = real(labeller, prompts, prompt_len, n)
+        used.append(crit is not None)
+        return crit
+
+    outs, labs = {}, {}
+    for name in ("default", "criterion"):
+        L._stopping_criteria = real if name == "default" else always
+        try:
+            s = settings(max_new_tokens=48, max_attempts=1, batch_size=3, decoding="constrained")
+            lab = labs[name] = LLMLabeller(s, model=tiny_model, tokenizer=tokenizer, model_version="tiny")
+            assert lab._grammar_eos_stops
+            greedy = lab.label(clusters)
+            sampled = lab.label_candidates(clusters[:2], num_candidates=2, seed=7)
+            outs[name] = ([(p.label, p.description, p.fallback) for p in greedy],
+                          [[c.completion for c in cs] for cs in sampled], lab.stats.generated_tokens)
+        finally:
+            L._stopping_criteria = real
+    assert used and all(used)
+    assert outs["default"] == outs["criterion"]
+    lab = labs["default"]
+    assert real(lab, lab._prompts(clusters), 10, 1) is None  # the grammar arm really runs without it
+
+
 def test_candidates_sampled_elsewhere_replay_to_the_same_candidates(tokenizer, tiny_model, tmp_path):
     """A GPU worker samples the preference candidates (labelling.replay.write_candidates); here they become the
     same Candidates (prompt, completion, validity, persona) without a model call; other inputs are refused."""

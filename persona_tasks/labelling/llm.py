@@ -56,6 +56,22 @@ def _persona_stop(tokenizer: Any, prompt_len: int, prefill: str, id_limits: list
     return _Stop()
 
 
+def _stopping_criteria(labeller: Any, prompts: list[PromptSpec], prompt_len: int, n: int) -> Any:
+    """The free arm's stopping criterion (``_persona_stop``), or None under a grammar: a grammar ends with the
+    Evidence line and then allows only the end-of-sequence token, so every row already stops where the criterion
+    would stop it; the criterion's decode of every row at every step (O(batch x length^2)) is then pure cost, a
+    large share of a GPU batch's time. Same outputs either way (tests/test_labelling.py)."""
+    if any(p.grammar for p in prompts) and labeller._grammar_eos_stops:
+        return None
+    from transformers import StoppingCriteriaList
+
+    cfg = labeller.cfg
+    return StoppingCriteriaList([_persona_stop(labeller.tokenizer, prompt_len, prompts[0].prefill,
+                                               [len(p.local_ids) for p in prompts for _ in range(n)],
+                                               max(80, 16 * cfg.label_max_words),
+                                               max(200, 2 * cfg.description_max_chars))])
+
+
 def _generated_repetition_penalty(prompt_len: int, penalty: float, exempt: list[int]) -> Any:
     """Repetition penalty (CTRL-style) on tokens the answer itself has already used, not on the prompt's:
     copying words from the memories stays free while loops ("Horror; Horror; Horror") are damped. The
@@ -153,6 +169,8 @@ class LLMLabeller:
         for e in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
             if e is not None:
                 self._eos_ids.add(int(e))
+        # a finished grammar allows only the tokenizer's eos; generation stops on it when it is one of ours
+        self._grammar_eos_stops = tokenizer.eos_token_id in self._eos_ids
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompts: list[PromptSpec], *, do_sample: bool, num_return_sequences: int = 1,
@@ -184,15 +202,12 @@ class LLMLabeller:
                                  add_special_tokens=False)
             device = next(self.model.parameters()).device
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            from transformers import StoppingCriteriaList
-
-            stop = _persona_stop(self.tokenizer, enc["input_ids"].shape[1], prompts[0].prefill,
-                                 [len(p.local_ids) for p in prompts for _ in range(n)],
-                                 max(80, 16 * self.cfg.label_max_words), max(200, 2 * self.cfg.description_max_chars))
             kw: dict[str, Any] = dict(max_new_tokens=self.cfg.max_new_tokens, do_sample=do_sample,
                                       num_return_sequences=n, pad_token_id=self.tokenizer.pad_token_id,
-                                      eos_token_id=sorted(self._eos_ids) or None,
-                                      stopping_criteria=StoppingCriteriaList([stop]))
+                                      eos_token_id=sorted(self._eos_ids) or None)
+            stop = _stopping_criteria(self, prompts, enc["input_ids"].shape[1], n)
+            if stop is not None:
+                kw["stopping_criteria"] = stop
             from transformers import LogitsProcessorList
 
             processors = []
