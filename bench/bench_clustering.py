@@ -68,6 +68,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 from persona_tasks import cluster as C  # noqa: E402
 from persona_tasks.config import Settings, load_settings  # noqa: E402
 from persona_tasks.progress import Progress, set_threads  # noqa: E402
+from persona_tasks.sampling import stable_sample_indices  # noqa: E402
 
 NAIVE = "naive_umap_hdbscan"
 POOL_SEED_OFFSET = 1_000_003
@@ -227,7 +228,7 @@ def fit_global(fit_x: np.ndarray, fit_ids: list[str], settings: Settings, s: str
     by md5 of the ids, as ``cluster.ensure_global_umap`` samples the warehouse), and the fit's figures."""
     cfg = settings.clustering
     strat = C.get_strategy(s, cfg)
-    idx = C.stable_sample(fit_ids, cfg.global_umap_fit_sample)
+    idx = stable_sample_indices(fit_ids, cfg.global_umap_fit_sample)
     t0 = time.perf_counter()
     model = C.fit_global_umap(fit_x[idx], cfg)
     fit_s = time.perf_counter() - t0

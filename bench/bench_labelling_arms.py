@@ -38,6 +38,7 @@ from persona_tasks.config import load_settings  # noqa: E402
 from persona_tasks.embed import embedder_from_settings  # noqa: E402
 from persona_tasks.labelling import ExtractiveLabeller  # noqa: E402
 from persona_tasks.labelling.privacy import PublicTerms, mask_clusters  # noqa: E402
+from persona_tasks.sampling import stable_sample  # noqa: E402
 from persona_tasks.warehouse import connect  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def sample_clusters(settings, con, source: str, n_clusters: int, embedder):
     """(history, hvec, assignments, clusters) for the first users by md5 until ``n_clusters`` clusters."""
     mem, gran = E.load_dataset(con, source, settings.evaluation, settings.memory_text_max_chars)
     history, _ = E.split_history_future(mem, settings.evaluation.future_fraction, settings.evaluation.min_memories)
-    users = E.stable_sample(history["user_id"].to_list(), None)
+    users = stable_sample(history["user_id"].to_list(), None)
     # cluster a generous prefix of users (cheap), then keep whole users until the target is reached
     pick = users[: max(40, n_clusters)]
     history = history.filter(pl.col("user_id").is_in(pick)).sort("user_id", "started_at", "memory_id")

@@ -32,6 +32,7 @@ from persona_tasks import evaluate as E  # noqa: E402
 from persona_tasks.config import load_settings  # noqa: E402
 from persona_tasks.embed import embedder_from_settings  # noqa: E402
 from persona_tasks.labelling import ExtractiveLabeller  # noqa: E402
+from persona_tasks.sampling import stable_sample  # noqa: E402
 from persona_tasks.labelling.privacy import PublicTerms, mask_clusters  # noqa: E402
 from persona_tasks.progress import set_threads  # noqa: E402
 from persona_tasks.warehouse import connect  # noqa: E402
@@ -51,7 +52,7 @@ def main() -> None:
     with connect(settings) as con:
         memories, gran = E.load_dataset(con, args.dataset, cfg, settings.memory_text_max_chars)
         if args.max_users:
-            memories = memories.filter(pl.col("user_id").is_in(E.stable_sample(memories["user_id"].to_list(),
+            memories = memories.filter(pl.col("user_id").is_in(stable_sample(memories["user_id"].to_list(),
                                                                                 args.max_users)))
         history, future = E.split_history_future(memories, cfg.future_fraction, cfg.min_memories)
         vec = E.memory_vectors(settings, con, pl.concat([history, future]), gran, embedder)

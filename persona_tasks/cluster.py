@@ -126,6 +126,7 @@ from persona_tasks.errors import PersonaEtlError
 from persona_tasks.progress import Progress, set_threads
 from persona_tasks.quality import silhouette_samples
 from persona_tasks.warehouse import transaction
+from persona_tasks.sampling import stable_sample_indices
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +210,6 @@ class PCAReducer:
 # --- one UMAP for all users (global_umap_hdbscan) ---------------------------------------------------------------
 
 GLOBAL_UMAP_RECIPE = "global-umap-v1"   # bump when the fit or the transform below changes meaning
-
-
-def stable_sample(keys: Sequence[str], k: int) -> np.ndarray:
-    """Indices of the ``k`` keys with the smallest md5 (in that order; as ``ORDER BY md5(key)`` in SQL)."""
-    digests = np.array([hashlib.md5(str(key).encode("utf-8")).hexdigest() for key in keys])
-    return np.argsort(digests, kind="stable")[:k] if len(keys) else np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -383,7 +378,7 @@ class GlobalUMAPReducer:
         if self.model is not None:
             self.check(cfg, x.shape[1])
             return self
-        idx = stable_sample(list(memory_ids), self.fit_sample)
+        idx = stable_sample_indices(list(memory_ids), self.fit_sample)
         log.info("cluster: fitting a global UMAP on %d of %d memories (no persisted model given)", idx.size,
                  x.shape[0])
         return GlobalUMAPReducer(fit_global_umap(x[idx], cfg, model_version=None, fitted_on=None),
@@ -1186,6 +1181,6 @@ __all__ = [
     "UserClustering",
     "canonical_order", "cluster_frame", "cluster_users", "cohesion", "ensure_global_umap", "find_global_umap",
     "fit_global_umap", "get_strategy", "global_umap_for", "global_umap_root", "join_noise",
-    "load_cluster_input", "merge_similar", "register_strategy", "run_clustering", "shard_of", "shard_sql", "stable_sample",
+    "load_cluster_input", "merge_similar", "register_strategy", "run_clustering", "shard_of", "shard_sql",
     "warm_up", "write_clusters",
 ]

@@ -35,7 +35,6 @@ recovery of planted personas on ``persona_tasks.synth`` logs (ARI / NMI, ``plant
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -54,6 +53,7 @@ from persona_tasks.config import EvaluationSettings, Settings
 from persona_tasks.errors import PersonaEtlError
 from persona_tasks.progress import Progress, set_threads
 from persona_tasks.warehouse import query_pl
+from persona_tasks.sampling import stable_sample
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,6 @@ class EvaluationError(PersonaEtlError):
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------
-
-def stable_sample(user_ids: Sequence[str], n: int | None) -> list[str]:
-    """The first ``n`` users by md5 of user_id (all, sorted that way, when ``n`` is None)."""
-    ranked = sorted(set(user_ids), key=lambda u: hashlib.md5(u.encode()).hexdigest())
-    return ranked if n is None else ranked[:n]
-
 
 def load_dataset(con: duckdb.DuckDBPyConnection, source: str, cfg: EvaluationSettings,
                  max_chars: int = 600) -> tuple[pl.DataFrame, str]:
@@ -1248,6 +1242,6 @@ __all__ = [
     "METHODS", "EvaluationError", "HistoryPersonas", "centroid_profiles", "cluster_history", "cluster_inputs",
     "evaluable_users_by_granularity", "evaluate", "evaluate_dataset", "induce_history_personas", "load_dataset", "max_similarity",
     "per_query_metrics", "persona_quality", "planted_recovery", "rank_futures", "ranking_metrics",
-    "render_results", "sample_negatives", "split_history_future", "stable_sample", "write_json",
+    "render_results", "sample_negatives", "split_history_future", "write_json",
     "write_results_doc",
 ]

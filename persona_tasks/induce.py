@@ -24,6 +24,7 @@ from persona_tasks.days import day_end
 from persona_tasks.errors import PersonaEtlError
 from persona_tasks.publish import PublishReport, publish_run, stage_run
 from persona_tasks.warehouse import connect, query_pl, query_row
+from persona_tasks.sampling import stable_sample
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,7 @@ def _llm_users(user_ids: list[str], llm_max_users: int | None) -> set[str]:
     """The users the LLM labels when capped: a stable pseudo-random sample (by md5 of user_id)."""
     if llm_max_users is None:
         return set(user_ids)
-    ranked = sorted(set(user_ids), key=lambda u: hashlib.md5(u.encode()).hexdigest())
-    return set(ranked[:llm_max_users])
+    return set(stable_sample(user_ids, llm_max_users))
 
 
 class _Labellers:

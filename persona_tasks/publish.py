@@ -26,7 +26,6 @@ Published tables and views (schema ``personas``; columns in docs/tables.md, the 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import polars as pl
 from persona_tasks.config import Settings
 from persona_tasks.errors import PersonaEtlError
 from persona_tasks.warehouse import query_pl, query_row, table_exists, transaction
+from persona_tasks.sampling import stable_sample_indices
 
 log = logging.getLogger(__name__)
 
@@ -475,8 +475,7 @@ def _refit_topics(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: 
     if rows.height > cfg.fit_sample:
         # fit on a stable sample (by md5 of persona_id), then every persona joins its nearest topic: the refit's
         # cost stays bounded however many personas there are
-        keys = [hashlib.md5(p.encode()).hexdigest() for p in rows["persona_id"].to_list()]
-        idx = np.sort(np.argsort(np.array(keys), kind="stable")[:cfg.fit_sample])
+        idx = np.sort(stable_sample_indices(rows["persona_id"].to_list(), cfg.fit_sample))
         fitted = topic_clusters(x[idx], cfg.min_cluster_share, cfg.join_min_similarity, seed=settings.clustering.seed)
         k = int(fitted.max()) + 1
         topic = np.full(rows.height, -1, dtype=np.int64)

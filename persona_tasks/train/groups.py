@@ -40,6 +40,7 @@ from persona_tasks.errors import PersonaEtlError
 from persona_tasks.labelling.types import ClusterInput
 from persona_tasks.train.loss import ranks_from_scores
 from persona_tasks.warehouse import query_pl, transaction
+from persona_tasks.sampling import stable_sample
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class TrainingClusters:
         for i in idx:
             by_user.setdefault(self.clusters[i].user_id, []).append(i)
         out: list[int] = []
-        for u in sorted(by_user, key=lambda u: hashlib.md5(u.encode()).hexdigest()):
+        for u in stable_sample(by_user, None):
             if len(out) >= max_clusters:
                 break
             out.extend(by_user[u])
