@@ -44,7 +44,8 @@ def settings_for(args):
     s.training = s.training.model_copy(update={
         "threads": args.threads, "max_steps": args.steps, "max_clusters": args.clusters,
         "heldout_max_clusters": args.heldout, "num_candidates": args.k, "groups_per_batch": args.groups_per_batch,
-        "holdout_fraction": args.holdout_fraction, "save_steps": 10_000})
+        "holdout_fraction": args.holdout_fraction, "save_steps": 10_000,
+        **({"learning_rate": args.learning_rate} if args.learning_rate else {})})
     return s
 
 
@@ -80,10 +81,23 @@ def one_arm(args) -> dict:
 
         model = PeftModel.from_pretrained(base, str(res.adapter_dir)).merge_and_unload().eval()
         version += f"+bench-{args.one_arm}"
-    m = P.evaluate_labeller(s, data, held, LLMLabeller(s, model=model, tokenizer=tok, model_version=version), embedder)
+    labeller = LLMLabeller(s, model=model, tokenizer=tok, model_version=version)
+    m = P.evaluate_labeller(s, data, held, labeller, embedder)
     out["heldout"] = {k: m[k] for k in ("clusters", "fallback_rate", "objective", "truthfulness", "alignment",
                                         "cohesion", "seconds")}
     out["heldout_vs_current"] = P.paired_difference(m["per_cluster_objective"], current["per_cluster_objective"])
+    if args.label_inputs:
+        # the evaluation's LLM sample (persona-etl evaluate --export-llm-inputs), labelled by this arm, for
+        # persona-etl evaluate --llm-labels (Hit@10 per arm)
+        from persona_tasks.labelling.replay import label_inputs_file
+
+        out["eval_labels"] = {}
+        for f in sorted(Path(args.label_inputs).glob("*.json")):
+            dest = Path(args.labels_out) / f"labels_{args.one_arm}_{f.stem}.json"
+            fresh = LLMLabeller(s, model=model, tokenizer=tok, model_version=version)  # stats of this file only
+            st = label_inputs_file(f, dest, fresh, meta={"arm": args.one_arm, "inputs": f.name})
+            out["eval_labels"][f.stem] = {"path": str(dest), "clusters": st.get("clusters"), "wall_s": st["wall_s"],
+                                          "fallback_rate": st.get("fallback_rate")}
     import resource
 
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -137,6 +151,8 @@ def build_from_gpu(args) -> dict:
     s = settings_for(args)
     src = Path(args.build_from_gpu)
     d = P.retrain_dir(s, args.as_of)
+    if not (d / "snapshot.duckdb").exists():
+        P.snapshot(s, args.as_of)
     embedder = embedder_from_settings(s)
     data = P._clusters(s, args.as_of, embedder)
     model, tok, version = load_causal_lm(s, adapter=False)
@@ -216,6 +232,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "training_arms_cpu.json")
     ap.add_argument("--one-arm", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--learning-rate", type=float, default=None, help="override [training] learning_rate")
+    ap.add_argument("--label-inputs", type=Path, default=None,
+                    help="also label these exported evaluation inputs (persona-etl evaluate --export-llm-inputs DIR) "
+                         "with each arm, for persona-etl evaluate --llm-labels")
+    ap.add_argument("--labels-out", type=Path, default=ROOT / "bench" / "out" / "training_labels",
+                    help="where --label-inputs writes labels_<arm>_<dataset>.json")
     ap.add_argument("--export-gpu", type=Path, default=None, help="write groups + held-out inputs for a GPU run")
     ap.add_argument("--replay", type=Path, default=None, help="score a GPU run's held-out labels (its --out folder)")
     ap.add_argument("--build-from-gpu", type=Path, default=None,
@@ -257,6 +279,7 @@ def main() -> None:
         raise SystemExit("--as-of is needed without --build")
     current = json.loads((P.retrain_dir(s, args.as_of) / "current.json").read_text())
     results = {"as_of": args.as_of, "threads": args.threads, "steps": args.steps, "k": args.k,
+               "learning_rate": s.training.learning_rate,
                "groups_per_batch": args.groups_per_batch, "build": build,
                "current": {k: current.get(k) for k in ("clusters", "model_version", "fallback_rate", "objective",
                                                        "truthfulness", "alignment", "cohesion", "seconds")},
@@ -265,7 +288,12 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--warehouse", str(args.warehouse), "--as-of", args.as_of, "--one-arm", arm,
                "--steps", str(args.steps), "--clusters", str(args.clusters), "--heldout", str(args.heldout),
                "--k", str(args.k), "--groups-per-batch", str(args.groups_per_batch),
-               "--holdout-fraction", str(args.holdout_fraction), "--threads", str(args.threads)]
+               "--holdout-fraction", str(args.holdout_fraction), "--threads", str(args.threads),
+               "--labels-out", str(args.labels_out)]
+        if args.learning_rate:
+            cmd += ["--learning-rate", str(args.learning_rate)]
+        if args.label_inputs:
+            cmd += ["--label-inputs", str(args.label_inputs)]
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
