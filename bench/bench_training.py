@@ -21,6 +21,13 @@ With a GPU machine (no warehouse there), in two GPU runs of ``bench/gpu_session.
 3. ``--replay OUT2``: scores each arm's held-out labels (``labels_<arm>_heldout.json``) here, with the same quality
    objective, against the base model's labels of the same clusters (paired, bootstrap interval).
 The warehouse needs published personas (``persona-etl induce``); nothing is promoted.
+
+The evaluation's Hit@10 per arm (issue 13, section 4): export the LLM sample's inputs once
+(``persona-etl evaluate --export-llm-inputs DIR --llm-max-users N --json ...``), give ``--label-inputs DIR`` (each
+arm labels them into ``--labels-out``), run ``persona-etl evaluate --llm-max-users N --llm-labels
+<labels-out>/labels_<arm>_<dataset>.json ... --json E_<arm>.json`` per arm, then ``--attach-eval arm=E_<arm>.json ...``
+adds the figures to ``--out``; ``persona-etl evaluate --from-json <a run> --write-docs`` renders the table into
+docs/results.md.
 """
 
 from __future__ import annotations
@@ -84,7 +91,7 @@ def one_arm(args) -> dict:
     labeller = LLMLabeller(s, model=model, tokenizer=tok, model_version=version)
     m = P.evaluate_labeller(s, data, held, labeller, embedder)
     out["heldout"] = {k: m[k] for k in ("clusters", "fallback_rate", "objective", "truthfulness", "alignment",
-                                        "cohesion", "seconds")}
+                                        "cohesion", "seconds", "per_cluster_objective")}
     out["heldout_vs_current"] = P.paired_difference(m["per_cluster_objective"], current["per_cluster_objective"])
     if args.label_inputs:
         # the evaluation's LLM sample (persona-etl evaluate --export-llm-inputs), labelled by this arm, for
@@ -217,6 +224,27 @@ def replay(args) -> dict:
     return out
 
 
+def attach_eval(args) -> dict:
+    """Attach each arm's evaluation (``persona-etl evaluate --llm-labels`` of the labels ``--label-inputs`` wrote) to
+    the arms results file ``--out``: per dataset the LLM sample's users, fallback, objective, truthfulness and
+    multi-persona Hit@10 against the extractive labels' on the same users (``evaluate.llm_sample_summary``)."""
+    from persona_tasks.evaluate import llm_sample_summary
+
+    results = json.loads(args.out.read_text())
+    for spec in args.attach_eval:
+        arm, _, path = spec.partition("=")
+        if arm not in results["arms"] or not path:
+            raise SystemExit(f"--attach-eval {spec!r}: use ARM=EVALUATE_JSON with an arm of {args.out}")
+        ev = json.loads(Path(path).read_text())
+        results["arms"][arm]["eval"] = llm_sample_summary(ev)
+        results["arms"][arm]["eval_file"] = Path(path).name
+        for name, m in results["arms"][arm]["eval"].items():
+            print(f"{arm:9s} {name}: {m['users']} users, fallback {m['fallback_rate']:.3f}, Hit@10 "
+                  f"{100 * m['hit@10']:.2f} vs extractive {100 * m['hit@10_extractive']:.2f}", flush=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--warehouse", type=Path, required=True)
@@ -236,6 +264,8 @@ def main() -> None:
     ap.add_argument("--label-inputs", type=Path, default=None,
                     help="also label these exported evaluation inputs (persona-etl evaluate --export-llm-inputs DIR) "
                          "with each arm, for persona-etl evaluate --llm-labels")
+    ap.add_argument("--attach-eval", nargs="+", default=None, metavar="ARM=JSON",
+                    help="attach persona-etl evaluate results (run with --llm-labels of an arm's labels) to --out")
     ap.add_argument("--labels-out", type=Path, default=ROOT / "bench" / "out" / "training_labels",
                     help="where --label-inputs writes labels_<arm>_<dataset>.json")
     ap.add_argument("--export-gpu", type=Path, default=None, help="write groups + held-out inputs for a GPU run")
@@ -250,6 +280,9 @@ def main() -> None:
     os.environ.setdefault("PERSONA_ETL_THREADS", str(args.threads))
     if args.one_arm:
         one_arm(args)
+        return
+    if args.attach_eval:
+        attach_eval(args)
         return
     if args.export_gpu or args.replay or args.build_from_gpu:
         if args.as_of is None:

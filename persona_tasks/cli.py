@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -79,9 +80,21 @@ def _cmd_induce(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from persona_tasks.evaluate import evaluate, write_json, write_results_doc
+    from persona_tasks.evaluate import (evaluate, load_labelling_arms, load_training_arms, write_json,
+                                        write_results_doc)
 
     settings = load_settings()
+    if args.from_json:
+        # re-render the tables of a stored run, with the bench results files (arms) as they are now
+        if not args.write_docs:
+            raise SystemExit("persona-etl evaluate --from-json: add --write-docs [PATH]")
+        results = json.loads(Path(args.from_json).read_text())
+        results["labelling_arms"] = load_labelling_arms(settings.project_dir)
+        results["training_arms"] = load_training_arms(settings.project_dir)
+        print(f"tables: {write_results_doc(results, args.write_docs)}")
+        return 0
+    if not args.json:
+        raise SystemExit("persona-etl evaluate: --json PATH is required (or --from-json PATH --write-docs)")
     results = evaluate(settings, datasets=args.datasets or None, llm_max_users=args.llm_max_users,
                        max_users=args.max_users, synth_users=args.synth_users,
                        llm_inputs_out=args.export_llm_inputs, llm_labels=args.llm_labels)
@@ -159,8 +172,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
             if not rows:
                 print("no trained versions (the daily labelling uses the base model); `persona-etl train` makes one")
             for r in rows:
-                import json
-
                 m = json.loads(r["metrics"]) if r["metrics"] else {}
                 h = (m.get("heldout") or {}).get("candidate") or {}
                 cur = (m.get("heldout") or {}).get("current") or {}
@@ -242,7 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "futures, and report Hit@1, Hit@10 and MRR of multi-persona (LLM, extractive), multi-centroid, "
                        "single persona, history centroid, nearest memory, most recent, popularity and random; plus "
                        "persona quality, coverage and ARI/NMI on planted personas. Protocol: docs/results.md.")
-    p.add_argument("--json", required=True, metavar="PATH", help="write every number to this JSON file")
+    p.add_argument("--json", default=None, metavar="PATH", help="write every number to this JSON file (required)")
+    p.add_argument("--from-json", type=Path, default=None, metavar="PATH",
+                   help="evaluate nothing: re-render --write-docs from this stored run (its --json file) with the "
+                   "arms results in bench/results/ as they are now (after a new bench_labelling_arms / "
+                   "bench_training run)")
     p.add_argument("--datasets", nargs="*", default=None, metavar="SOURCE",
                    help="warehouse sources to evaluate, e.g. aol movielens (default: every source)")
     p.add_argument("--llm-max-users", type=int, default=None,

@@ -813,6 +813,7 @@ def evaluate(settings: Settings, datasets: Sequence[str] | None = None, *, llm_m
             "reference": load_reference(settings.project_dir),
             "explorations": load_explorations(settings.project_dir),
             "labelling_arms": load_labelling_arms(settings.project_dir),
+            "training_arms": load_training_arms(settings.project_dir),
             "labelling_model": settings.labelling.model if settings.labelling.model_path is None
             else str(settings.labelling.model_path),
             "datasets": {},
@@ -970,6 +971,28 @@ def _arms_lines(files: list[dict]) -> list[str]:
     return rows
 
 
+def llm_sample_summary(results: dict) -> dict[str, dict]:
+    """Per dataset, the LLM sample's figures that the labeller's targets read (issues 12 and 13): users, fallback
+    rate, objective and truthfulness (LLM / extractive, the same clusters), multi-persona Hit@10 (LLM labels /
+    extractive labels, the same users) and their paired difference with its 95% CI."""
+    out: dict[str, dict] = {}
+    for name, d in results["datasets"].items():
+        q, s = d.get("quality", {}), d.get("llm_sample")
+        if "llm" not in q or not s:
+            continue
+        ql, qe = q["llm"], q["extractive_llm_sample"]
+        comp = next((c for c in d.get("comparisons", []) if c["method"] == "multi_llm"
+                     and c["baseline"] == "multi_extractive"), None)
+        out[name] = {"users": d["personas"]["llm"]["n_users"],
+                     "fallback_rate": d["personas"]["llm"].get("fallback_rate") or 0.0,
+                     "objective": ql.get("objective"), "objective_extractive": qe.get("objective"),
+                     "truthfulness": ql.get("truthfulness"), "truthfulness_extractive": qe.get("truthfulness"),
+                     "hit@10": s["methods"]["multi_llm"]["hit@10"],
+                     "hit@10_extractive": s["methods"]["multi_extractive"]["hit@10"],
+                     "hit@10_diff": comp["delta_hit@10"] if comp else None, "hit@10_diff_ci": comp["ci"] if comp else None}
+    return out
+
+
 def _labeller_target_lines(results: dict) -> list[str]:
     """The untrained LLM labeller's targets on each dataset's LLM sample: fallback at most 10%, objective and
     truthfulness at least the extractive labeller's on the same clusters, multi-persona Hit@10 at least the
@@ -977,23 +1000,74 @@ def _labeller_target_lines(results: dict) -> list[str]:
     rows = ["| dataset | users | LLM fallback rate (target <= 0.10) | objective LLM / extractive | truthfulness LLM / "
             "extractive | multi-persona Hit@10 LLM / extractive | paired difference (95% CI) | targets met |",
             "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for name, d in results["datasets"].items():
-        q, s = d.get("quality", {}), d.get("llm_sample")
-        if "llm" not in q or not s:
-            continue
-        fb = d["personas"]["llm"].get("fallback_rate") or 0.0
-        ql, qe = q["llm"], q["extractive_llm_sample"]
-        hl, he = s["methods"]["multi_llm"]["hit@10"], s["methods"]["multi_extractive"]["hit@10"]
-        comp = next((c for c in d.get("comparisons", []) if c["method"] == "multi_llm"
-                     and c["baseline"] == "multi_extractive"), None)
-        diff = (f"{100 * comp['delta_hit@10']:+.2f} ({100 * comp['ci'][0]:+.2f} .. {100 * comp['ci'][1]:+.2f})"
-                if comp else "-")
-        met = {"fallback": fb <= 0.10, "objective": (ql.get("objective") or 0) >= (qe.get("objective") or 0),
-               "truthfulness": (ql.get("truthfulness") or 0) >= (qe.get("truthfulness") or 0), "Hit@10": hl >= he}
+    for name, m in llm_sample_summary(results).items():
+        met = {"fallback": m["fallback_rate"] <= 0.10,
+               "objective": (m["objective"] or 0) >= (m["objective_extractive"] or 0),
+               "truthfulness": (m["truthfulness"] or 0) >= (m["truthfulness_extractive"] or 0),
+               "Hit@10": m["hit@10"] >= m["hit@10_extractive"]}
         verdict = "all" if all(met.values()) else "not " + ", ".join(k for k, v in met.items() if not v)
-        rows.append(f"| {name} | {d['personas']['llm']['n_users']} | {fb:.3f} | {_f3(ql.get('objective'))} / "
-                    f"{_f3(qe.get('objective'))} | {_f3(ql.get('truthfulness'))} / {_f3(qe.get('truthfulness'))} | "
-                    f"{_pct(hl)} / {_pct(he)} | {diff} | {verdict} |")
+        rows.append(f"| {name} | {m['users']} | {m['fallback_rate']:.3f} | {_f3(m['objective'])} / "
+                    f"{_f3(m['objective_extractive'])} | {_f3(m['truthfulness'])} / {_f3(m['truthfulness_extractive'])} | "
+                    f"{_pct(m['hit@10'])} / {_pct(m['hit@10_extractive'])} | {_diff_ci(m)} | {verdict} |")
+    return rows if len(rows) > 2 else []
+
+
+def _diff_ci(m: dict) -> str:
+    if m.get("hit@10_diff") is None:
+        return "-"
+    lo, hi = m["hit@10_diff_ci"]
+    return f"{100 * m['hit@10_diff']:+.2f} ({100 * lo:+.2f} .. {100 * hi:+.2f})"
+
+
+def load_training_arms(project_dir: Path | str) -> list[dict]:
+    """bench/results/training_arms_*.json (bench/bench_training.py): the retrained labeller's arms on the same
+    preference groups and held-out clusters, for docs/results.md (issue 13)."""
+    out = []
+    for path in sorted((Path(project_dir) / "bench" / "results").glob("training_arms_*.json")):
+        data = json.loads(path.read_text())
+        data["file"] = path.name
+        out.append(data)
+    return out
+
+
+# issue 13's targets for a promoted labeller: fallback at most this, objective above the untrained labeller's with
+# the paired 95% CI clear of zero, multi-persona Hit@10 at least the extractive labels' on the same users
+TRAINED_MAX_FALLBACK = 0.05
+
+
+def _training_arms_lines(files: list[dict]) -> list[str]:
+    """One row per results file and arm of bench/bench_training.py: training cost, held-out quality against the
+    untrained labeller (paired over the same clusters), and the evaluation's Hit@10 where the arm labelled the
+    evaluation's LLM sample."""
+    rows = ["| file | arm | optimiser steps x groups | learning rate | train s (s per step) | peak RSS GB | "
+            "held-out clusters | fallback | objective | truthfulness | alignment | objective vs untrained (95% CI) | "
+            "Hit@10 arm / extractive (users) | targets met |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for d in files:
+        for arm, r in d.get("arms", {}).items():
+            h = r.get("heldout")
+            if not h:
+                continue
+            v = r.get("heldout_vs_current") or {}
+            ci = v.get("ci") or [None, None]
+            vs = (f"{v['mean']:+.4f} ({ci[0]:+.4f} .. {ci[1]:+.4f})" if v.get("mean") is not None else "-")
+            ev = r.get("eval") or {}
+            hits = "; ".join(f"{name} {_pct(e['hit@10'])} / {_pct(e['hit@10_extractive'])} ({e['users']})"
+                             for name, e in ev.items()) or "-"
+            if arm == "base":
+                verdict = "- (untrained)"
+            else:
+                met = {"fallback": h["fallback_rate"] <= TRAINED_MAX_FALLBACK,
+                       "objective": ci[0] is not None and ci[0] > 0}
+                if ev:
+                    met["Hit@10"] = all(e["hit@10"] >= e["hit@10_extractive"] for e in ev.values())
+                verdict = "all" if all(met.values()) else "not " + ", ".join(k for k, ok in met.items() if not ok)
+            steps = f"{r.get('steps', 0)} x {d.get('groups_per_batch', '?')}" if r.get("steps") else "-"
+            lr = f"{d['learning_rate']:g}" if d.get("learning_rate") and r.get("steps") else "-"
+            train = f"{r['train_seconds']:.0f} ({r['seconds_per_step']:.1f})" if r.get("steps") else "-"
+            rows.append(f"| `{d['file']}` | {arm} | {steps} | {lr} | {train} | {r.get('peak_rss_mb', 0) / 1024:.1f} | "
+                        f"{h['clusters']} | {h['fallback_rate']:.3f} | {_f3(h['objective'])} | "
+                        f"{_f3(h['truthfulness'])} | {_f3(h['alignment'])} | {vs} | {hits} | {verdict} |")
     return rows if len(rows) > 2 else []
 
 
@@ -1217,6 +1291,18 @@ def render_results(results: dict) -> str:
             L += ["", "Targets of the untrained LLM labeller on this evaluation's LLM sample (the same clusters and "
                   "users for both labellers):", "", *targets]
         L.append("")
+    trained = _training_arms_lines(results.get("training_arms") or [])
+    if trained:
+        L += ["## The retrained labeller: training arms", "",
+              "Arms of `bench/bench_training.py` on the same preference groups (docs/training.md): the untrained "
+              "model (base), SFT on each group's best valid candidate (trl's SFTTrainer), pairwise DPO (trl's "
+              "DPOTrainer, best against each other candidate) and groupwise DPO (ours, Plackett-Luce); LoRA "
+              "adapters. Each arm labels the same held-out clusters (users never trained on); \"objective vs "
+              "untrained\" is the paired mean difference over those clusters against the untrained labeller's labels "
+              "(bootstrap 95% CI). Where an arm also labelled this evaluation's LLM sample, its multi-persona Hit@10 "
+              "is given next to the extractive labels' on the same users. Targets of a promoted labeller (issue 13): "
+              f"fallback at most {TRAINED_MAX_FALLBACK:.2f}, objective above the untrained labeller's with the CI "
+              "clear of zero, Hit@10 at least the extractive labels'.", "", *trained, ""]
     if verdicts:
         L += ["## Does multi-persona beat single-persona?", "", *verdicts, "",
               "The source paper reports AOL Hit@10 = 40.18 for multi-persona under a protocol it does not publish; "
@@ -1242,6 +1328,6 @@ __all__ = [
     "METHODS", "EvaluationError", "HistoryPersonas", "centroid_profiles", "cluster_history", "cluster_inputs",
     "evaluable_users_by_granularity", "evaluate", "evaluate_dataset", "induce_history_personas", "load_dataset", "max_similarity",
     "per_query_metrics", "persona_quality", "planted_recovery", "rank_futures", "ranking_metrics",
-    "render_results", "sample_negatives", "split_history_future", "write_json",
+    "llm_sample_summary", "load_training_arms", "render_results", "sample_negatives", "split_history_future", "write_json",
     "write_results_doc",
 ]

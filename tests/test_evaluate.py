@@ -151,6 +151,34 @@ def test_render_reports_the_labeller_arms_and_targets():
     row = next(line for line in text.splitlines() if line.startswith("| aol | 2 | 0.250 |"))
     assert row.endswith("| not fallback, truthfulness |") and "40.00 / 30.00" in row
 
+
+def test_render_reports_the_training_arms_against_the_promotion_targets():
+    """docs/results.md holds the training arms (bench/bench_training.py): an arm whose held-out objective gain has a
+    CI touching zero, a fallback over 5% or a Hit@10 below the extractive labels' is named as missing that target."""
+    ev = {"aol": {"users": 20, "hit@10": 0.50, "hit@10_extractive": 0.52}}
+    held = {"clusters": 100, "fallback_rate": 0.01, "objective": 0.71, "truthfulness": 0.9, "alignment": 0.7}
+    arms = {"base": {"heldout": held, "heldout_vs_current": {"mean": 0.0, "ci": [0.0, 0.0]}, "eval": ev,
+                     "peak_rss_mb": 3500},
+            "groupwise": {"steps": 40, "train_seconds": 1200, "seconds_per_step": 30.0, "peak_rss_mb": 10240,
+                          "heldout": {**held, "objective": 0.73}, "heldout_vs_current": {"mean": 0.02, "ci": [0.01, 0.03]},
+                          "eval": {"aol": {**ev["aol"], "hit@10": 0.53}}},
+            "sft": {"steps": 40, "train_seconds": 200, "seconds_per_step": 5.0, "peak_rss_mb": 3700,
+                    "heldout": {**held, "fallback_rate": 0.08}, "heldout_vs_current": {"mean": 0.01, "ci": [-0.01, 0.02]},
+                    "eval": ev}}
+    text = render_results({"protocol": {"future_fraction": 0.2, "min_memories": 5, "n_negatives": 3, "seed": 0,
+                                        "llm_max_users": 0, "session_gap_minutes": 30, "movielens_min_rating": 4.0,
+                                        "clustering_strategy": "hdbscan_direct"},
+                           "model_version": "m@1", "datasets": {},
+                           "training_arms": [{"file": "training_arms_x.json", "groups_per_batch": 2,
+                                              "learning_rate": 2e-4, "arms": arms}]})
+    assert "## The retrained labeller: training arms" in text
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| `training_arms_x.json`")}
+    assert rows["base"].endswith("| aol 50.00 / 52.00 (20) | - (untrained) |")
+    assert "| 40 x 2 | 0.0002 | 1200 (30.0) | 10.0 |" in rows["groupwise"] and rows["groupwise"].endswith("| all |")
+    assert "+0.0200 (+0.0100 .. +0.0300)" in rows["groupwise"]
+    assert rows["sft"].endswith("| not fallback, objective, Hit@10 |")
+
+
 # --- end to end -------------------------------------------------------------------------------------------------
 
 AOL_USERS = ("2179445", "2413314", "3344799", "3241737", "4586047")  # the smallest users of the sample
@@ -212,6 +240,10 @@ def test_cli_evaluate_on_a_few_aol_users(aol_warehouse, monkeypatch):
     assert "negatives: unseen" in text and "negatives: any" in text and "95% CI" in text
     # the reference's figures are shown beside the project's on the reference's rule
     assert "Agreement with an independent reference" in text and "50.83" in text
+    # a stored run re-renders to the same tables without evaluating again (bench results unchanged in between)
+    again = root / "again.md"
+    assert main(["evaluate", "--from-json", str(out), "--write-docs", str(again)]) == 0
+    assert again.read_text() == text
 
 
 # --- negatives rule and intervals ---------------------------------------------------------------------------------
