@@ -23,7 +23,12 @@ Usage::
     .venv/bin/python bench/bench_incremental.py                        # 10k users, 10% active, 14 days + AOL
     .venv/bin/python bench/bench_incremental.py --users 500 --days 3 --aol-days 3     # quick check
 
-Writes ``<out>/incremental_days.json`` (default out: bench/out).
+Writes ``<out>/incremental_days.json`` (default out: bench/out; ``--out-name`` for another file name).
+
+Steady state: with the default ``--history-events 30`` an active user's history grows by about 40% on each active
+day, so days 2..14 are the ramp-up of a young archive, not steady traffic. ``--history-events 120`` (about 30 plus
+75 earlier days of 10% activity at 12 events) starts from the history such traffic builds up; ``--aol-days 0`` skips
+the AOL part (``bench/results/incremental_days_steady_state.json``).
 """
 
 from __future__ import annotations
@@ -203,6 +208,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    p.add_argument("--out-name", default="incremental_days.json", help="file name under --out")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-incremental-"))
@@ -218,7 +224,7 @@ def main() -> None:
         out["aol"]["summary"] = summary(out["aol"])
     out["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "incremental_days.json"
+    path = args.out / args.out_name
     path.write_text(json.dumps(out, indent=1, default=str))
     print(json.dumps({k: out[k]["summary"] for k in ("steady", "aol") if k in out}, indent=1))
     print(f"wrote {path}")
