@@ -536,7 +536,9 @@ class TrainingSettings(BaseModel):
     arm: Literal["groupwise", "pairwise", "sft"] = "groupwise"
     # optimisation (LoRA on the attention and MLP projections; the reference is the base model, adapters disabled)
     beta: float = Field(default=0.1, gt=0)
-    learning_rate: float = 5e-5
+    # LoRA's usual rate: at 5e-5, 8 steps moved nothing measurable; at 2e-4, 40 steps of groupwise DPO on the
+    # bundled samples raised the held-out objective with a CI clear of zero (docs/training.md)
+    learning_rate: float = 2e-4
     epochs: float = 1.0
     # None = epochs decide; a number caps the optimiser steps (short CPU runs, CI)
     max_steps: int | None = None

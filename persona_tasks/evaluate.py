@@ -1052,8 +1052,8 @@ def _training_arms_lines(files: list[dict]) -> list[str]:
             ci = v.get("ci") or [None, None]
             vs = (f"{v['mean']:+.4f} ({ci[0]:+.4f} .. {ci[1]:+.4f})" if v.get("mean") is not None else "-")
             ev = r.get("eval") or {}
-            hits = "; ".join(f"{name} {_pct(e['hit@10'])} / {_pct(e['hit@10_extractive'])} ({e['users']})"
-                             for name, e in ev.items()) or "-"
+            hits = "; ".join(f"{name} {_pct(e['hit@10'])} / {_pct(e['hit@10_extractive'])} ({e['users']} users, "
+                             f"{_diff_ci(e)})" for name, e in ev.items()) or "-"
             if arm == "base":
                 verdict = "- (untrained)"
             else:

@@ -173,7 +173,7 @@ def test_render_reports_the_training_arms_against_the_promotion_targets():
                                               "learning_rate": 2e-4, "arms": arms}]})
     assert "## The retrained labeller: training arms" in text
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| `training_arms_x.json`")}
-    assert rows["base"].endswith("| aol 50.00 / 52.00 (20) | - (untrained) |")
+    assert rows["base"].endswith("| aol 50.00 / 52.00 (20 users, -) | - (untrained) |")
     assert "| 40 x 2 | 0.0002 | 1200 (30.0) | 10.0 |" in rows["groupwise"] and rows["groupwise"].endswith("| all |")
     assert "+0.0200 (+0.0100 .. +0.0300)" in rows["groupwise"]
     assert rows["sft"].endswith("| not fallback, objective, Hit@10 |")
