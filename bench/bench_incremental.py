@@ -5,7 +5,7 @@ Two traffics, each through ``persona_tasks.daily.run_day`` (every DAG step in th
 static embedding backend, extractive labeller, ``threads = 2``, a fresh warehouse in a temporary folder):
 
 * ``steady``: generated traffic (``persona_tasks.synth.generate_events``). Day 0 delivers every user's history
-  (``--history-events`` per user over 4 days, one backlog file, not reported as a steady day); then on each of
+  (``--history-events`` per user over ``--history-days`` days, one backlog file, not reported as a steady day); then on each of
   ``--days`` consecutive days a random ``--active-share`` of the users (a new draw per day) acts: about
   ``--events-per-active`` events each. The generator draws a user's planted interests per call, so an active
   user's new day brings new interests more often than real users do: more personas change than in real logs.
@@ -26,8 +26,9 @@ Usage::
 Writes ``<out>/incremental_days.json`` (default out: bench/out; ``--out-name`` for another file name).
 
 Steady state: with the default ``--history-events 30`` an active user's history grows by about 40% on each active
-day, so days 2..14 are the ramp-up of a young archive, not steady traffic. ``--history-events 120`` (about 30 plus
-75 earlier days of 10% activity at 12 events) starts from the history such traffic builds up; ``--aol-days 0`` skips
+day, so days 2..14 are the ramp-up of a young archive, not steady traffic. ``--history-events 120 --history-days 28``
+(about 30 plus 75 earlier days of 10% activity at 12 events, spread over four weeks) starts from the history such
+traffic builds up; ``--aol-days 0`` skips
 the AOL part (``bench/results/incremental_days_steady_state.json``).
 """
 
@@ -58,13 +59,13 @@ from persona_tasks.warehouse import connect  # noqa: E402
 PERSONA_TABLES = ("personas.persona_history", "personas.persona_evidence", "personas.persona_embeddings")
 
 
-def settings_for(root: Path, models: Path, fmt: str, source: str | None):
+def settings_for(root: Path, models: Path, fmt: str, source: str | None, backlog_days: int = 4):
     return load_settings(
         warehouse=root / "wh" / "warehouse.duckdb", threads=2, models_dir=models, embedding={"backend": "static"},
         ingest={"events": {"attributes": ["category", "brand", "price"]}}, dbt={"target_path": root / "dbt_target"},
-        # day 0 of the steady traffic is a 4-day backlog: late events are expected, and the next days are far
-        # smaller than it (volume check as a warning)
-        gates={"lateness_hours": 24 * 5, "severity": {"volume": "warn"}},
+        # day 0 of the steady traffic is a backlog of --history-days days: late events are expected, and the next
+        # days are far smaller than it (volume check as a warning)
+        gates={"lateness_hours": 24 * (backlog_days + 1), "severity": {"volume": "warn"}},
         orchestration={"landing_dir": str(root / "landing"), "landing_format": fmt, "landing_source": source,
                        "n_shards": 2, "work_dir": root / "work"})
 
@@ -118,11 +119,11 @@ def remap_users(events: pl.DataFrame, users: list[str]) -> pl.DataFrame:
 
 def run_steady(args, work: Path, models: Path) -> dict:
     root = work / "steady"
-    settings = settings_for(root, models, "events", "synth")
+    settings = settings_for(root, models, "events", "synth", args.history_days)
     d0 = date.fromisoformat(args.start)
     rng = np.random.default_rng(args.seed)
-    hist = generate_events(args.users * args.history_events, n_users=args.users, seed=args.seed, days=4,
-                           start=(d0 - timedelta(days=3)).isoformat())
+    hist = generate_events(args.users * args.history_events, n_users=args.users, seed=args.seed,
+                           days=args.history_days, start=(d0 - timedelta(days=args.history_days - 1)).isoformat())
     all_users = sorted(hist["user_id"].unique().to_list())
     write_events(hist, root / "landing" / d0.isoformat() / "events.parquet")
     t = time.perf_counter()
@@ -200,6 +201,7 @@ def main() -> None:
     p.add_argument("--active-share", type=float, default=0.10)
     p.add_argument("--days", type=int, default=14)
     p.add_argument("--history-events", type=int, default=30, help="day 0 events per user")
+    p.add_argument("--history-days", type=int, default=4, help="days the day-0 history spans")
     p.add_argument("--events-per-active", type=int, default=12)
     p.add_argument("--aol-days", type=int, default=14)
     p.add_argument("--full-days", type=lambda s: [int(x) for x in s.split(",") if x], default=[2, -1],
