@@ -80,17 +80,14 @@ def _cmd_induce(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from persona_tasks.evaluate import (evaluate, load_labelling_arms, load_training_arms, write_json,
-                                        write_results_doc)
+    from persona_tasks.evaluate import bench_tables, evaluate, write_json, write_results_doc
 
     settings = load_settings()
     if args.from_json:
         # re-render the tables of a stored run, with the bench results files (arms) as they are now
         if not args.write_docs:
             raise SystemExit("persona-etl evaluate --from-json: add --write-docs [PATH]")
-        results = json.loads(Path(args.from_json).read_text())
-        results["labelling_arms"] = load_labelling_arms(settings.project_dir)
-        results["training_arms"] = load_training_arms(settings.project_dir)
+        results = {**json.loads(Path(args.from_json).read_text()), **bench_tables(settings.project_dir)}
         print(f"tables: {write_results_doc(results, args.write_docs)}")
         return 0
     if not args.json:

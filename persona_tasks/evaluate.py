@@ -812,8 +812,7 @@ def evaluate(settings: Settings, datasets: Sequence[str] | None = None, *, llm_m
             "model_version": embedder.model_version,
             "reference": load_reference(settings.project_dir),
             "explorations": load_explorations(settings.project_dir),
-            "labelling_arms": load_labelling_arms(settings.project_dir),
-            "training_arms": load_training_arms(settings.project_dir),
+            **bench_tables(settings.project_dir),
             "labelling_model": settings.labelling.model if settings.labelling.model_path is None
             else str(settings.labelling.model_path),
             "datasets": {},
@@ -943,15 +942,32 @@ def load_explorations(project_dir: Path | str) -> dict:
     return out
 
 
-def load_labelling_arms(project_dir: Path | str) -> list[dict]:
-    """bench/results/labelling_arms_*.json (bench/bench_labelling_arms.py): the decoding arms and models measured on
-    the same history clusters, for docs/results.md."""
+def _bench_results(project_dir: Path | str, pattern: str) -> list[dict]:
+    """The bench/results files matching ``pattern``, each with its name under ``file``."""
     out = []
-    for path in sorted((Path(project_dir) / "bench" / "results").glob("labelling_arms_*.json")):
+    for path in sorted((Path(project_dir) / "bench" / "results").glob(pattern)):
         data = json.loads(path.read_text())
         data["file"] = path.name
         out.append(data)
     return out
+
+
+def load_labelling_arms(project_dir: Path | str) -> list[dict]:
+    """bench/results/labelling_arms_*.json (bench/bench_labelling_arms.py): the decoding arms and models measured on
+    the same history clusters, for docs/results.md."""
+    return _bench_results(project_dir, "labelling_arms_*.json")
+
+
+def load_training_arms(project_dir: Path | str) -> list[dict]:
+    """bench/results/training_arms_*.json (bench/bench_training.py): the retrained labeller's arms on the same
+    preference groups and held-out clusters, for docs/results.md (issue 13)."""
+    return _bench_results(project_dir, "training_arms_*.json")
+
+
+def bench_tables(project_dir: Path | str) -> dict[str, list[dict]]:
+    """The bench results docs/results.md shows beside a run (``labelling_arms``, ``training_arms``): read when the run
+    is made, and again when a stored run is re-rendered (``persona-etl evaluate --from-json``)."""
+    return {"labelling_arms": load_labelling_arms(project_dir), "training_arms": load_training_arms(project_dir)}
 
 
 def _arms_lines(files: list[dict]) -> list[str]:
@@ -1017,17 +1033,6 @@ def _diff_ci(m: dict) -> str:
         return "-"
     lo, hi = m["hit@10_diff_ci"]
     return f"{100 * m['hit@10_diff']:+.2f} ({100 * lo:+.2f} .. {100 * hi:+.2f})"
-
-
-def load_training_arms(project_dir: Path | str) -> list[dict]:
-    """bench/results/training_arms_*.json (bench/bench_training.py): the retrained labeller's arms on the same
-    preference groups and held-out clusters, for docs/results.md (issue 13)."""
-    out = []
-    for path in sorted((Path(project_dir) / "bench" / "results").glob("training_arms_*.json")):
-        data = json.loads(path.read_text())
-        data["file"] = path.name
-        out.append(data)
-    return out
 
 
 # issue 13's targets for a promoted labeller: fallback at most this, objective above the untrained labeller's with
@@ -1328,6 +1333,6 @@ __all__ = [
     "METHODS", "EvaluationError", "HistoryPersonas", "centroid_profiles", "cluster_history", "cluster_inputs",
     "evaluable_users_by_granularity", "evaluate", "evaluate_dataset", "induce_history_personas", "load_dataset", "max_similarity",
     "per_query_metrics", "persona_quality", "planted_recovery", "rank_futures", "ranking_metrics",
-    "llm_sample_summary", "load_training_arms", "render_results", "sample_negatives", "split_history_future", "write_json",
+    "bench_tables", "llm_sample_summary", "load_training_arms", "render_results", "sample_negatives", "split_history_future", "write_json",
     "write_results_doc",
 ]
