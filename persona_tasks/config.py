@@ -182,6 +182,12 @@ class LabellingSettings(BaseModel):
     seed: int = 0
     # on tokens the answer has already used (not the prompt's; format tokens exempt): damps loops
     repetition_penalty: float = 1.3
+    # grammar arms (constrained, skeleton): every claim (the label, each description sentence) holds at least this
+    # many of the cluster's content words (fewer when the cluster has fewer), and at most `function_run_max`
+    # non-content words stand in a row. On 2026-12-04 GPU labels of 200 AOL users, claims with one content word
+    # failed truthfulness 32% of the time (2: 15%, 3+: 6%) and runs of function words made "A many, many, more."
+    claim_min_content_words: int = Field(default=2, ge=1, le=4)
+    function_run_max: int = Field(default=4, ge=0, le=6)
     # validation of a persona (LLM and extractive alike)
     label_max_words: int = 8
     description_max_sentences: int = 3

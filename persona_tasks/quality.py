@@ -45,7 +45,14 @@ from threadpoolctl import threadpool_limits
 
 from persona_tasks.config import QualitySettings, Settings
 from persona_tasks.errors import PersonaEtlError
-from persona_tasks.labelling.text import FORMAT_WORDS, GENERIC_PERSONA_WORDS, STOP_WORDS, content_words, words
+from persona_tasks.labelling.text import (
+    CLAUSE_WORDS,
+    FORMAT_WORDS,
+    GENERIC_PERSONA_WORDS,
+    STOP_WORDS,
+    content_words,
+    words,
+)
 from persona_tasks.progress import Progress, set_threads
 from persona_tasks.warehouse import query_pl, query_row, transaction
 
@@ -207,7 +214,7 @@ def alignment_score(persona_vec: np.ndarray, memory_vecs: np.ndarray, in_cluster
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 # clauses keep their conjunction ("but Zorblax ..."), so a capitalised word after it is not a sentence start
-_CLAUSE = re.compile(r"\s*;\s*|,?\s+(?=(?:but|while|whereas|although)\s)", re.IGNORECASE)
+_CLAUSE = re.compile(r"\s*;\s*|,?\s+(?=(?:" + "|".join(CLAUSE_WORDS) + r")\s)", re.IGNORECASE)
 # "$1,299", "0.5%", "rtx 5070" -> "5070", "58mm", "la roche-posay", "amazon.com", "de'longhi"
 _TOKEN = re.compile(r"\$?[A-Za-z0-9](?:[A-Za-z0-9'&+.,\-]*[A-Za-z0-9%])?")
 _DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")

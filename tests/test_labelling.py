@@ -443,6 +443,48 @@ def test_grammar_vocabulary_is_the_clusters_own_words_and_function_words():
     assert {"and", "for", "compares"} <= fw and not fw & {"he", "she", "his", "her", "man", "woman"}
 
 
+def _grammar_accepts(tokenizer, grammar: str, answer: str) -> bool:
+    """Whether llguidance's matcher for ``grammar`` accepts ``answer`` (the text after the ``Label:`` pre-fill)."""
+    import llguidance
+
+    from persona_tasks.labelling.constrained import ll_tokenizer
+
+    m = llguidance.LLMatcher(ll_tokenizer(tokenizer), llguidance.LLMatcher.grammar_from_lark(grammar))
+    assert not m.is_error(), m.get_error()
+    return m.try_consume_tokens(tokenizer.encode(answer, add_special_tokens=False)) == len(
+        tokenizer.encode(answer, add_special_tokens=False)) and m.is_accepting()
+
+
+def test_grammar_claims_name_the_cluster_in_several_content_words_without_function_word_runs(tokenizer):
+    """Every claim holds claim_min_content_words of the cluster's content words and at most function_run_max
+    other words in a row: the one-word and word-salad claims that failed truthfulness on the GPU labels of
+    200 AOL users are out of the grammar, ordinary readable answers are in."""
+    from persona_tasks.labelling.constrained import cluster_vocabulary, persona_grammar
+
+    vocab = cluster_vocabulary(PLAIN_ESPRESSO + ["how to make espresso at home"])
+    g = persona_grammar(vocab, 4, LabellingSettings())
+
+    def ok(label: str, description: str) -> bool:
+        return _grammar_accepts(tokenizer, g, f" {label}\nDescription: {description}\nEvidence: m1, m2\n")
+
+    assert ok("Espresso machine review", "Looks for a burr grinder for espresso beans. Compares breville "
+                                         "barista express review, espresso machine.")
+    assert ok("Espresso beans", "Looks for how to make espresso at home.")  # 4 other words, then "make"
+    assert not ok("Espresso", "Looks for espresso beans.")                 # a one-word label
+    assert not ok("Espresso machine", "Looks for espresso.")               # a one-content-word sentence
+    assert not ok("Espresso machine", "A many of the more espresso machine.")  # 5 non-content words in a row
+    assert not ok("Espresso machine", "Looks for a, the espresso machine.")  # a comma only after a content word
+    assert not ok("For espresso machine", "Looks for espresso beans.")     # the label opens with a function word
+    # no clause word mid-sentence: quality.split_claims would make "but also espresso beans" a claim of its own
+    assert not ok("Espresso machine", "Looks for burr grinder, but also espresso beans.")
+    # a cluster with one content word: claims of one content word are all it can say
+    one = persona_grammar(cluster_vocabulary(["yahoo", "yahoo"]), 2, LabellingSettings())
+    assert _grammar_accepts(tokenizer, one, " Yahoo\nDescription: Looks for yahoo.\nEvidence: m1\n")
+    # the knobs: one content word per claim and no limit on runs as before
+    loose = persona_grammar(vocab, 4, LabellingSettings(claim_min_content_words=1, function_run_max=6))
+    assert _grammar_accepts(tokenizer, loose, " Espresso\nDescription: Looks for espresso.\nEvidence: m1\n")
+
+
 def test_function_words_are_not_content_a_reader_accepts_compares_and_follows():
     # before: "compares" and "follows" counted as invented content words, so a description made of the
     # memories' words plus such verbs failed grounding; the closed list is neutral now

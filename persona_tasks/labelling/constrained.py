@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from persona_tasks.config import LabellingSettings
-from persona_tasks.labelling.text import PLACEHOLDER, content_stems, content_words, function_words, words
+from persona_tasks.labelling.text import (
+    CLAUSE_WORDS,
+    PLACEHOLDER,
+    content_stems,
+    content_words,
+    function_words,
+    words,
+)
 from persona_tasks.labelling.validate import asserts_demographics
 
 # a word of the vocabulary: what labelling.text.words yields, bounded in length (a 40-letter "word" is noise)
@@ -44,27 +51,50 @@ def _alternation(ws: list[str]) -> str:
 
 
 def persona_grammar(vocabulary: list[str], n_ids: int, cfg: LabellingSettings) -> str:
-    """The Lark grammar (llguidance dialect) of one cluster's answer, after the ``Label:`` pre-fill."""
-    vocab = sorted(set(vocabulary) | set(function_words()))
-    lower = _alternation(vocab)
-    capital = _alternation([w[:1].upper() + w[1:] for w in vocab])
-    word = f"(?:{lower}|{capital})"
-    # the label starts with one of the cluster's content words, so it always names what the cluster is about
-    # (a label of function words only, "Looking for a", fails the validator's ungrounded_label)
-    content = [w for w in vocabulary if content_words(w)] or list(vocabulary) or ["activity"]
-    head = f"(?:{_alternation(content)}|{_alternation([w[:1].upper() + w[1:] for w in content])})"
+    """The Lark grammar (llguidance dialect) of one cluster's answer, after the ``Label:`` pre-fill.
+
+    Words are of two kinds: the cluster's content words (``labelling.text.content_words``) and the rest (the closed
+    function list, and the cluster's stop words such as "how" or "my"). Every claim, the label and each description
+    sentence, is a run of *chunks*: at most ``cfg.function_run_max`` non-content words, then a content word; a claim
+    holds ``cfg.claim_min_content_words`` chunks or more (as many as the cluster has, when fewer). So a claim always
+    names what the cluster is about, in more than one word where it can ("Looks for espresso grinder reviews.",
+    not "Looks at china."), and cannot drift into function words ("A many, many, more, results.")."""
+    content = sorted({w for w in vocabulary if content_words(w)}) or sorted(set(vocabulary)) or ["activity"]
+    # no clause word ("but", "while"): quality.split_claims cuts a sentence there, and the clause after it would be
+    # a claim of its own with no minimum of content words ("but also looks at cars")
+    other = sorted((set(vocabulary) | set(function_words())) - set(content) - set(CLAUSE_WORDS))
+    cap = lambda ws: [w[:1].upper() + w[1:] for w in ws]  # noqa: E731
+    c_low, c_cap = _alternation(content), _alternation(cap(content))
+    n_low, n_cap = _alternation(other), _alternation(cap(other))
+    run = max(0, cfg.function_run_max)
+    k_min = max(1, min(cfg.claim_min_content_words, len(content)))
+    # a description sentence: capitalised first word, 2+ chunks separated by " " or ", ", a full stop
+    chunk = f"(?:{n_low} ){{0,{run}}}{c_low}"
+    first = f"(?:{n_cap} (?:{n_low} ){{0,{run - 1}}}{c_low}|{c_cap})" if run else c_cap
+    k_max = max(k_min, _SENTENCE_CHUNKS_MAX)
+    sentence = f"{first}(?:(?:, | ){chunk}){{{k_min - 1},{k_max - 1}}}\\."
+    # the label opens with a content word (a label of function words only, "Looking for a", says nothing), then
+    # chunks of at most one non-content word ("of", "and") and a content word, within label_max_words
     max_label = max(1, cfg.label_max_words)
-    sentence = f"{capital}(?:(?:, | ){lower}){{2,11}}\\."
+    l_content = f"(?:{c_low}|{c_cap})"
+    l_other = f"(?:{n_low}|{n_cap})"
+    more = max(0, (max_label - 1) // 2) if run else max_label - 1
+    l_min = min(k_min - 1, more)
+    l_chunk = f"(?:{l_other} )?{l_content}" if run else l_content
     n = max(1, n_ids)
     ident = "m(?:" + "|".join(str(i) for i in range(n, 0, -1)) + ")"
     max_ev = max(1, min(cfg.max_evidence, n))
     max_sent = max(1, cfg.description_max_sentences)
     return "\n".join([
         'start: " " LABEL "\\nDescription: " DESC "\\nEvidence: " EVID "\\n"',
-        f"LABEL: /{head}(?: {word}){{0,{max_label - 1}}}/",
+        f"LABEL: /{l_content}(?: {l_chunk}){{{l_min},{more}}}/",
         f"DESC: /{sentence}(?: {sentence}){{0,{max_sent - 1}}}/",
         f"EVID: /{ident}(?:, {ident}){{0,{max_ev - 1}}}/",
     ])
+
+
+# the most content words of one description sentence (each after at most function_run_max other words)
+_SENTENCE_CHUNKS_MAX = 6
 
 
 OPENERS_FILE = Path(__file__).with_name("description_openers.txt")
