@@ -1174,11 +1174,12 @@ def render_results(results: dict) -> str:
         f"of {p['llm_max_users']} evaluable users per dataset (the first by md5 of user_id), single persona included; "
         "its rows are reported on that sample next to every other method on the same users' futures. Its personas "
         "that fail validation after the configured attempts are extractive fallbacks (rate below)."
-        + (f" In this run the LLM sample was labelled on another machine: its inputs, exported by `persona-etl "
-           f"evaluate --export-llm-inputs`, were labelled there (`bench/gpu_session.py`, model "
-           f"`{results.get('labelling_model')}`) and the labels replayed here by input digest "
-           f"(`persona-etl evaluate --llm-labels`, persona_tasks/labelling/replay.py); its prompts/s are that "
-           f"machine's." if results.get("llm_labels_replayed") else ""),
+        + (f" In this run the LLM sample was labelled outside the evaluation: its inputs, exported by `persona-etl "
+           f"evaluate --export-llm-inputs`, were labelled by `labelling.replay.label_inputs_file` (on a GPU machine "
+           f"by `bench/gpu_session.py`; the run note above says where, model `{results.get('labelling_model')}`) "
+           f"and the labels replayed here by input digest (`persona-etl evaluate --llm-labels`, "
+           f"persona_tasks/labelling/replay.py); its prompts/s are those of the labelling run."
+           if results.get("llm_labels_replayed") else ""),
         "",
     ]
     verdicts = []
