@@ -50,6 +50,15 @@ def _alternation(ws: list[str]) -> str:
     return "(?:" + "|".join(re.escape(w) for w in sorted(set(ws), key=lambda w: (-len(w), w))) + ")"
 
 
+def _capitalised(ws: list[str]) -> list[str]:
+    """Each word or phrase with its first letter upper-cased: the form that opens a label or a sentence."""
+    return [w[:1].upper() + w[1:] for w in ws]
+
+
+# the most content words of one description sentence (each after at most function_run_max other words)
+_SENTENCE_CHUNKS_MAX = 6
+
+
 def persona_grammar(vocabulary: list[str], n_ids: int, cfg: LabellingSettings) -> str:
     """The Lark grammar (llguidance dialect) of one cluster's answer, after the ``Label:`` pre-fill.
 
@@ -63,9 +72,8 @@ def persona_grammar(vocabulary: list[str], n_ids: int, cfg: LabellingSettings) -
     # no clause word ("but", "while"): quality.split_claims cuts a sentence there, and the clause after it would be
     # a claim of its own with no minimum of content words ("but also looks at cars")
     other = sorted((set(vocabulary) | set(function_words())) - set(content) - set(CLAUSE_WORDS))
-    cap = lambda ws: [w[:1].upper() + w[1:] for w in ws]  # noqa: E731
-    c_low, c_cap = _alternation(content), _alternation(cap(content))
-    n_low, n_cap = _alternation(other), _alternation(cap(other))
+    c_low, c_cap = _alternation(content), _alternation(_capitalised(content))
+    n_low, n_cap = _alternation(other), _alternation(_capitalised(other))
     run = max(0, cfg.function_run_max)
     k_min = max(1, min(cfg.claim_min_content_words, len(content)))
     # a description sentence: capitalised first word, 2+ chunks separated by " " or ", ", a full stop
@@ -91,10 +99,6 @@ def persona_grammar(vocabulary: list[str], n_ids: int, cfg: LabellingSettings) -
         f"DESC: /{sentence}(?: {sentence}){{0,{max_sent - 1}}}/",
         f"EVID: /{ident}(?:, {ident}){{0,{max_ev - 1}}}/",
     ])
-
-
-# the most content words of one description sentence (each after at most function_run_max other words)
-_SENTENCE_CHUNKS_MAX = 6
 
 
 OPENERS_FILE = Path(__file__).with_name("description_openers.txt")
@@ -141,9 +145,8 @@ def phrase_grammar(shown_texts: list[str], n_ids: int, cfg: LabellingSettings) -
     first_n, second_n = min(3, max_label), min(4, max_label - 4)
     first = [p for p in phrases if len(p.split()) <= first_n] or phrases[:1]
     second = [p for p in phrases if len(p.split()) <= second_n] if second_n >= 1 else []
-    cap = lambda ps: [p[:1].upper() + p[1:] for p in ps]  # noqa: E731
     np_ = _alternation(phrases)  # no determiners: a small model scatters them ("the target, a toysrus")
-    label = f"(?:{_alternation(first)}|{_alternation(cap(first))})"
+    label = f"(?:{_alternation(first)}|{_alternation(_capitalised(first))})"
     if second:
         label += f"(?: and {_alternation(second)})?"
     opener = _alternation(list(description_openers()))
