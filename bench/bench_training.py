@@ -69,13 +69,22 @@ def one_arm(args) -> dict:
     d = P.retrain_dir(s, args.as_of)
     build = read_build(d / "groups")
     groups = build.training_groups()
-    res = train_arm(s, args.one_arm, groups, d / f"bench-{args.one_arm}")
+    arm_dir = d / f"bench-{args.one_arm}"
+    if args.reuse_adapters and (arm_dir / "train_result.json").exists():
+        # score an adapter trained by an earlier run (e.g. under a new decoding grammar) without retraining it
+        from persona_tasks.train.trainer import TrainResult
+
+        kept = json.loads((arm_dir / "train_result.json").read_text())
+        kept["adapter_dir"] = Path(kept["adapter_dir"]) if kept["adapter_dir"] else None
+        res = TrainResult(**kept)
+    else:
+        res = train_arm(s, args.one_arm, groups, arm_dir)
     train = res.as_dict()
     logs = [h for h in res.log_history if "loss" in h]
     out = {"arm": args.one_arm, "groups": len(groups), "rows": res.n_examples, "steps": res.steps,
            "train_seconds": res.seconds, "seconds_per_step": round(res.seconds / max(res.steps, 1), 2),
            "peak_rss_mb_after_train": train["peak_rss_mb"], "peak_cuda_mb": train["peak_cuda_mb"],
-           "device": res.device, "first_log": logs[0] if logs else None, "last_log": logs[-1] if logs else None}
+           "device": res.device, "adapter_reused": bool(args.reuse_adapters and res.adapter_dir), "first_log": logs[0] if logs else None, "last_log": logs[-1] if logs else None}
     embedder = embedder_from_settings(s)
     data = P._clusters(s, build.as_of, embedder)
     current = json.loads((d / "current.json").read_text())
@@ -260,6 +269,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "training_arms_cpu.json")
     ap.add_argument("--one-arm", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--reuse-adapters", action="store_true",
+                    help="score each arm's adapter from an earlier run of the same --as-of instead of training it")
     ap.add_argument("--learning-rate", type=float, default=None, help="override [training] learning_rate")
     ap.add_argument("--label-inputs", type=Path, default=None,
                     help="also label these exported evaluation inputs (persona-etl evaluate --export-llm-inputs DIR) "
@@ -325,6 +336,8 @@ def main() -> None:
                "--labels-out", str(args.labels_out)]
         if args.learning_rate:
             cmd += ["--learning-rate", str(args.learning_rate)]
+        if args.reuse_adapters:
+            cmd += ["--reuse-adapters"]
         if args.label_inputs:
             cmd += ["--label-inputs", str(args.label_inputs)]
         t = time.perf_counter()
@@ -342,6 +355,13 @@ def main() -> None:
               f"peak RSS {r['peak_rss_mb']:.0f} MB | held-out fallback {h['fallback_rate']:.3f} objective "
               f"{h['objective']:.3f} truthfulness {h['truthfulness']:.3f} alignment {h['alignment']:.3f} "
               f"diff vs current {r['heldout_vs_current']}", flush=True)
+    base = results["arms"].get("base", {}).get("heldout", {}).get("per_cluster_objective")
+    if base:
+        # the untrained labeller of this run (same grammar and prompts) as the baseline, beside the snapshot's
+        for arm, r in results["arms"].items():
+            if arm != "base" and "heldout" in r:
+                r["heldout_vs_base"] = P.paired_difference(r["heldout"]["per_cluster_objective"], base)
+                print(f"{arm:9s} objective vs this run's base arm {r['heldout_vs_base']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(f"wrote {args.out}")

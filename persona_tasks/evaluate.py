@@ -1042,7 +1042,7 @@ TRAINED_MAX_FALLBACK = 0.05
 
 def _training_arms_lines(files: list[dict]) -> list[str]:
     """One row per results file and arm of bench/bench_training.py: training cost, held-out quality against the
-    untrained labeller (paired over the same clusters), and the evaluation's Hit@10 where the arm labelled the
+    untrained labeller (paired over the same clusters: the run's base arm, else the snapshot's labels), and the evaluation's Hit@10 where the arm labelled the
     evaluation's LLM sample."""
     rows = ["| file | arm | optimiser steps x groups | learning rate | train s (s per step) | peak RSS GB | "
             "held-out clusters | fallback | objective | truthfulness | alignment | objective vs untrained (95% CI) | "
@@ -1053,7 +1053,9 @@ def _training_arms_lines(files: list[dict]) -> list[str]:
             h = r.get("heldout")
             if not h:
                 continue
-            v = r.get("heldout_vs_current") or {}
+            # against the run's own base arm when it has one (the untrained model under the same decoding), else
+            # against the snapshot's published labels
+            v = r.get("heldout_vs_base") or r.get("heldout_vs_current") or {}
             ci = v.get("ci") or [None, None]
             vs = (f"{v['mean']:+.4f} ({ci[0]:+.4f} .. {ci[1]:+.4f})" if v.get("mean") is not None else "-")
             ev = r.get("eval") or {}

@@ -164,7 +164,12 @@ def test_render_reports_the_training_arms_against_the_promotion_targets():
                           "eval": {"aol": {**ev["aol"], "hit@10": 0.53}}},
             "sft": {"steps": 40, "train_seconds": 200, "seconds_per_step": 5.0, "peak_rss_mb": 3700,
                     "heldout": {**held, "fallback_rate": 0.08}, "heldout_vs_current": {"mean": 0.01, "ci": [-0.01, 0.02]},
-                    "eval": ev}}
+                    "eval": ev},
+            # judged against the run's own base arm (same decoding) where the run has one, not the snapshot's labels
+            "pairwise": {"steps": 40, "train_seconds": 1300, "seconds_per_step": 32.5, "peak_rss_mb": 10240,
+                         "heldout": {**held, "objective": 0.72}, "heldout_vs_current": {"mean": 0.03, "ci": [0.02, 0.04]},
+                         "heldout_vs_base": {"mean": 0.004, "ci": [-0.002, 0.01]},
+                         "eval": {"aol": {**ev["aol"], "hit@10": 0.53}}}}
     text = render_results({"protocol": {"future_fraction": 0.2, "min_memories": 5, "n_negatives": 3, "seed": 0,
                                         "llm_max_users": 0, "session_gap_minutes": 30, "movielens_min_rating": 4.0,
                                         "clustering_strategy": "hdbscan_direct"},
@@ -177,6 +182,7 @@ def test_render_reports_the_training_arms_against_the_promotion_targets():
     assert "| 40 x 2 | 0.0002 | 1200 (30.0) | 10.0 |" in rows["groupwise"] and rows["groupwise"].endswith("| all |")
     assert "+0.0200 (+0.0100 .. +0.0300)" in rows["groupwise"]
     assert rows["sft"].endswith("| not fallback, objective, Hit@10 |")
+    assert "+0.0040 (-0.0020 .. +0.0100)" in rows["pairwise"] and rows["pairwise"].endswith("| not objective |")
 
 
 # --- end to end -------------------------------------------------------------------------------------------------
