@@ -1072,7 +1072,10 @@ def _training_arms_lines(files: list[dict]) -> list[str]:
             steps = f"{r.get('steps', 0)} x {d.get('groups_per_batch', '?')}" if r.get("steps") else "-"
             lr = f"{d['learning_rate']:g}" if d.get("learning_rate") and r.get("steps") else "-"
             train = f"{r['train_seconds']:.0f} ({r['seconds_per_step']:.1f})" if r.get("steps") else "-"
-            rows.append(f"| `{d['file']}` | {arm} | {steps} | {lr} | {train} | {r.get('peak_rss_mb', 0) / 1024:.1f} | "
+            # the arm's peak: training's (kept with a reused adapter) or the labelling process's, whichever is higher
+            peak = max(r.get("peak_rss_mb") or 0, r.get("peak_rss_mb_after_train") or 0)
+            name = f"{arm} (adapter trained earlier)" if r.get("adapter_reused") else arm
+            rows.append(f"| `{d['file']}` | {name} | {steps} | {lr} | {train} | {peak / 1024:.1f} | "
                         f"{h['clusters']} | {h['fallback_rate']:.3f} | {_f3(h['objective'])} | "
                         f"{_f3(h['truthfulness'])} | {_f3(h['alignment'])} | {vs} | {hits} | {verdict} |")
     return rows if len(rows) > 2 else []

@@ -166,7 +166,9 @@ def test_render_reports_the_training_arms_against_the_promotion_targets():
                     "heldout": {**held, "fallback_rate": 0.08}, "heldout_vs_current": {"mean": 0.01, "ci": [-0.01, 0.02]},
                     "eval": ev},
             # judged against the run's own base arm (same decoding) where the run has one, not the snapshot's labels
-            "pairwise": {"steps": 40, "train_seconds": 1300, "seconds_per_step": 32.5, "peak_rss_mb": 10240,
+            # (an adapter trained by an earlier run: its training peak is the arm's peak)
+            "pairwise": {"steps": 40, "train_seconds": 1300, "seconds_per_step": 32.5, "peak_rss_mb": 2400,
+                         "peak_rss_mb_after_train": 10240, "adapter_reused": True,
                          "heldout": {**held, "objective": 0.72}, "heldout_vs_current": {"mean": 0.03, "ci": [0.02, 0.04]},
                          "heldout_vs_base": {"mean": 0.004, "ci": [-0.002, 0.01]},
                          "eval": {"aol": {**ev["aol"], "hit@10": 0.53}}}}
@@ -182,7 +184,9 @@ def test_render_reports_the_training_arms_against_the_promotion_targets():
     assert "| 40 x 2 | 0.0002 | 1200 (30.0) | 10.0 |" in rows["groupwise"] and rows["groupwise"].endswith("| all |")
     assert "+0.0200 (+0.0100 .. +0.0300)" in rows["groupwise"]
     assert rows["sft"].endswith("| not fallback, objective, Hit@10 |")
-    assert "+0.0040 (-0.0020 .. +0.0100)" in rows["pairwise"] and rows["pairwise"].endswith("| not objective |")
+    pairwise = rows["pairwise (adapter trained earlier)"]
+    assert "| 1300 (32.5) | 10.0 |" in pairwise and "+0.0040 (-0.0020 .. +0.0100)" in pairwise
+    assert pairwise.endswith("| not objective |")
 
 
 # --- end to end -------------------------------------------------------------------------------------------------
