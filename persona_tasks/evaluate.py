@@ -1310,7 +1310,9 @@ def render_results(results: dict) -> str:
               "DPOTrainer, best against each other candidate) and groupwise DPO (ours, Plackett-Luce); LoRA "
               "adapters. Each arm labels the same held-out clusters (users never trained on); \"objective vs "
               "untrained\" is the paired mean difference over those clusters against the untrained labeller's labels "
-              "(bootstrap 95% CI). Where an arm also labelled this evaluation's LLM sample, its multi-persona Hit@10 "
+              "(bootstrap 95% CI): the same file's base arm, decoded as the arm is, where the file has one; otherwise "
+              "(and on the base row) the labels published in the training snapshot. \"Adapter trained earlier\": an "
+              "adapter of an earlier file's run, scored again under the decoding of this one. Where an arm also labelled this evaluation's LLM sample, its multi-persona Hit@10 "
               "is given next to the extractive labels' on the same users. Targets of a promoted labeller (issue 13): "
               f"fallback at most {TRAINED_MAX_FALLBACK:.2f}, objective above the untrained labeller's with the CI "
               "clear of zero, Hit@10 at least the extractive labels'.", "", *trained, ""]
