@@ -74,9 +74,7 @@ def one_arm(args) -> dict:
         # score an adapter trained by an earlier run (e.g. under a new decoding grammar) without retraining it
         from persona_tasks.train.trainer import TrainResult
 
-        kept = json.loads((arm_dir / "train_result.json").read_text())
-        kept["adapter_dir"] = Path(kept["adapter_dir"]) if kept["adapter_dir"] else None
-        res = TrainResult(**kept)
+        res = TrainResult.read(arm_dir)
     else:
         res = train_arm(s, args.one_arm, groups, arm_dir)
     train = res.as_dict()
@@ -84,7 +82,8 @@ def one_arm(args) -> dict:
     out = {"arm": args.one_arm, "groups": len(groups), "rows": res.n_examples, "steps": res.steps,
            "train_seconds": res.seconds, "seconds_per_step": round(res.seconds / max(res.steps, 1), 2),
            "peak_rss_mb_after_train": train["peak_rss_mb"], "peak_cuda_mb": train["peak_cuda_mb"],
-           "device": res.device, "adapter_reused": bool(args.reuse_adapters and res.adapter_dir), "first_log": logs[0] if logs else None, "last_log": logs[-1] if logs else None}
+           "device": res.device, "adapter_reused": bool(args.reuse_adapters and res.adapter_dir),
+           "first_log": logs[0] if logs else None, "last_log": logs[-1] if logs else None}
     embedder = embedder_from_settings(s)
     data = P._clusters(s, build.as_of, embedder)
     current = json.loads((d / "current.json").read_text())

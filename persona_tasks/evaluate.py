@@ -1042,8 +1042,8 @@ TRAINED_MAX_FALLBACK = 0.05
 
 def _training_arms_lines(files: list[dict]) -> list[str]:
     """One row per results file and arm of bench/bench_training.py: training cost, held-out quality against the
-    untrained labeller (paired over the same clusters: the run's base arm, else the snapshot's labels), and the evaluation's Hit@10 where the arm labelled the
-    evaluation's LLM sample."""
+    untrained labeller (paired over the same clusters: the run's base arm, else the snapshot's labels), and the
+    evaluation's Hit@10 where the arm labelled the evaluation's LLM sample."""
     rows = ["| file | arm | optimiser steps x groups | learning rate | train s (s per step) | peak RSS GB | "
             "held-out clusters | fallback | objective | truthfulness | alignment | objective vs untrained (95% CI) | "
             "Hit@10 arm / extractive (users) | targets met |",
@@ -1312,8 +1312,8 @@ def render_results(results: dict) -> str:
               "untrained\" is the paired mean difference over those clusters against the untrained labeller's labels "
               "(bootstrap 95% CI): the same file's base arm, decoded as the arm is, where the file has one; otherwise "
               "(and on the base row) the labels published in the training snapshot. \"Adapter trained earlier\": an "
-              "adapter of an earlier file's run, scored again under the decoding of this one. Where an arm also labelled this evaluation's LLM sample, its multi-persona Hit@10 "
-              "is given next to the extractive labels' on the same users. Targets of a promoted labeller (issue 13): "
+              "adapter of an earlier file's run, scored again under the decoding of this one. Where an arm also "
+              "labelled this evaluation's LLM sample, its multi-persona Hit@10 is given next to the extractive labels' on the same users. Targets of a promoted labeller (issue 13): "
               f"fallback at most {TRAINED_MAX_FALLBACK:.2f}, objective above the untrained labeller's with the CI "
               "clear of zero, Hit@10 at least the extractive labels'.", "", *trained, ""]
     if verdicts:

@@ -214,6 +214,12 @@ class TrainResult:
         d["adapter_dir"] = str(self.adapter_dir) if self.adapter_dir else None
         return d
 
+    @classmethod
+    def read(cls, output_dir: Path) -> TrainResult:
+        """The result ``train_arm`` wrote to ``output_dir/train_result.json`` (an adapter scored again later)."""
+        d = json.loads((Path(output_dir) / "train_result.json").read_text())
+        return cls(**{**d, "adapter_dir": Path(d["adapter_dir"]) if d["adapter_dir"] else None})
+
 
 def training_device(settings: Settings) -> str:
     want = settings.training.device
