@@ -70,7 +70,8 @@ def one_arm(args) -> dict:
     build = read_build(d / "groups")
     groups = build.training_groups()
     arm_dir = d / f"bench-{args.one_arm}"
-    if args.reuse_adapters and (arm_dir / "train_result.json").exists():
+    reused = bool(args.reuse_adapters and (arm_dir / "train_result.json").exists())
+    if reused:
         # score an adapter trained by an earlier run (e.g. under a new decoding grammar) without retraining it
         from persona_tasks.train.trainer import TrainResult
 
@@ -82,7 +83,7 @@ def one_arm(args) -> dict:
     out = {"arm": args.one_arm, "groups": len(groups), "rows": res.n_examples, "steps": res.steps,
            "train_seconds": res.seconds, "seconds_per_step": round(res.seconds / max(res.steps, 1), 2),
            "peak_rss_mb_after_train": train["peak_rss_mb"], "peak_cuda_mb": train["peak_cuda_mb"],
-           "device": res.device, "adapter_reused": bool(args.reuse_adapters and res.adapter_dir),
+           "device": res.device, "adapter_reused": reused and res.adapter_dir is not None,
            "first_log": logs[0] if logs else None, "last_log": logs[-1] if logs else None}
     embedder = embedder_from_settings(s)
     data = P._clusters(s, build.as_of, embedder)
