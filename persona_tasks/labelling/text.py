@@ -120,3 +120,52 @@ def grounding_score(text: str, memory_texts: Iterable[str]) -> float:
     found, missing = grounded_words(text, list(memory_texts))
     n = len(found) + len(missing)
     return len(found) / n if n else 1.0
+
+
+_TOKEN_PUNCT = re.compile(r"^(.*?)([,;:.!?]*)$")
+
+
+def drop_repeated_words(sentence: str) -> str:
+    """One sentence (or a label) with each content word said once. Why: under the grammar arms a small model pads
+    a claim by repeating a cluster word ("Looks for mets, mets, mets.", "Craigslist and Craigslist"); a reader sees
+    a stutter, and the repeat adds nothing.
+
+    A word equal to the word right before it is dropped ("mets mets", "many many"). A later occurrence of a content
+    word (``content_words``, case-insensitive) is dropped alone when a content word follows it (a modifier: "adult
+    divorce and adult bible" -> "... and bible"); when it ends a phrase, the function words that only led up to it
+    go too ("more rates on miller," and "and Craigslist" leave nothing behind), unless a content word stands right
+    before it: then it is the head of a compound ("Red Firecracker and Green Firecracker") and stays. A dropped
+    word's trailing punctuation moves to the word kept before it. Text without a repeat is unchanged."""
+    fw = function_words()
+    toks = [_TOKEN_PUNCT.match(t).groups() for t in sentence.split()]
+    kept: list[list[str]] = []  # [core, punctuation]
+    seen: set[str] = set()
+
+    def key(core: str) -> str:
+        return core.lower().strip("'")
+
+    def is_content(core: str) -> bool:
+        return content_words(core) == [key(core)]
+
+    for i, (core, punct) in enumerate(toks):
+        prev = kept[-1] if kept else None
+        nxt = toks[i + 1] if i + 1 < len(toks) else None
+        if prev is not None and not prev[1] and key(prev[0]) == key(core) and words(core):
+            if punct:
+                prev[1] = punct
+            continue
+        if not (is_content(core) and key(core) in seen):
+            kept.append([core, punct])
+            if is_content(core):
+                seen.add(key(core))
+            continue
+        if not punct and nxt is not None and is_content(nxt[0]):
+            continue  # a modifier of the next word: dropped alone
+        if prev is not None and not prev[1] and key(prev[0]) not in fw:
+            kept.append([core, punct])  # the head of a compound ("Green Firecracker"): kept
+            continue
+        while len(kept) > 1 and not kept[-1][1] and key(kept[-1][0]) in fw:
+            kept.pop()  # the function words that led up to it ("about miller", "and Craigslist")
+        if punct:
+            kept[-1][1] = punct
+    return " ".join(core + punct for core, punct in kept)

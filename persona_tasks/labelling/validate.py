@@ -13,7 +13,14 @@ import re
 from dataclasses import dataclass, field
 
 from persona_tasks.config import LabellingSettings
-from persona_tasks.labelling.text import PLACEHOLDER, content_words, grounded_words, scrub_pii, words
+from persona_tasks.labelling.text import (
+    PLACEHOLDER,
+    content_words,
+    drop_repeated_words,
+    grounded_words,
+    scrub_pii,
+    words,
+)
 
 _FIELD_ALIASES = {
     "label": "label", "persona": "label", "name": "label", "title": "label",
@@ -195,6 +202,11 @@ def check_persona(
         lab = lab.rstrip(".").strip()
     if raw_label and lab != raw_label.strip():
         out.repairs.append("cleaned_label")
+    # a model's stutter ("Craigslist and Craigslist", "mets, mets, mets"): each content word once per claim (a repair)
+    repeats = grounding_texts is not None and settings.drop_repeated_words
+    if repeats and (once := drop_repeated_words(lab)) != lab:
+        lab = once
+        out.repairs.append("dropped_repeated_word")
     n_words = len(lab.split())
     if not lab:
         out.problems.append("no_label")
@@ -211,6 +223,9 @@ def check_persona(
     raw_desc = description or ""
     desc = re.sub(r"\s+", " ", scrub_pii(raw_desc).replace("**", "")).strip().strip("\"'` ")
     sentences = split_sentences(desc)
+    if repeats and (once := [drop_repeated_words(t) for t in sentences]) != sentences:
+        sentences = once
+        out.repairs.append("dropped_repeated_word")
     if len(sentences) > settings.description_max_sentences:
         sentences = sentences[: settings.description_max_sentences]
         out.repairs.append("trimmed_sentences")
