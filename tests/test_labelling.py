@@ -463,7 +463,7 @@ def test_grammar_claims_name_the_cluster_in_several_content_words_without_functi
     from persona_tasks.labelling.constrained import cluster_vocabulary, persona_grammar
 
     vocab = cluster_vocabulary(PLAIN_ESPRESSO + ["how to make espresso at home"])
-    g = persona_grammar(vocab, 4, LabellingSettings())
+    g = persona_grammar(vocab, 4, LabellingSettings(claim_min_content_words=2))
 
     def ok(label: str, description: str) -> bool:
         return _grammar_accepts(tokenizer, g, f" {label}\nDescription: {description}\nEvidence: m1, m2\n")
@@ -484,6 +484,14 @@ def test_grammar_claims_name_the_cluster_in_several_content_words_without_functi
     # the knobs: one content word per claim and no limit on runs as before
     loose = persona_grammar(vocab, 4, LabellingSettings(claim_min_content_words=1, function_run_max=6))
     assert _grammar_accepts(tokenizer, loose, " Espresso\nDescription: Looks for espresso.\nEvidence: m1\n")
+    # three content words per claim: a two-word claim is out, a three-word one in
+    three = persona_grammar(vocab, 4, LabellingSettings(claim_min_content_words=3))
+    assert not _grammar_accepts(tokenizer, three, " Espresso machine\nDescription: Looks for espresso beans "
+                                                   "and burr grinder.\nEvidence: m1\n")
+    assert not _grammar_accepts(tokenizer, three, " Espresso machine review\nDescription: Looks for espresso "
+                                                   "beans.\nEvidence: m1\n")
+    assert _grammar_accepts(tokenizer, three, " Espresso machine review\nDescription: Looks for espresso beans "
+                                               "and burr grinder.\nEvidence: m1\n")
 
 
 def test_function_words_are_not_content_a_reader_accepts_compares_and_follows():
