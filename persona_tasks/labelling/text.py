@@ -144,22 +144,19 @@ def drop_repeated_words(sentence: str) -> str:
     def key(core: str) -> str:
         return core.lower().strip("'")
 
-    def is_content(core: str) -> bool:
-        return content_words(core) == [key(core)]
-
+    content = [content_words(core) == [key(core)] for core, _ in toks]
     for i, (core, punct) in enumerate(toks):
         prev = kept[-1] if kept else None
-        nxt = toks[i + 1] if i + 1 < len(toks) else None
         if prev is not None and not prev[1] and key(prev[0]) == key(core) and words(core):
             if punct:
                 prev[1] = punct
             continue
-        if not (is_content(core) and key(core) in seen):
+        if not (content[i] and key(core) in seen):
             kept.append([core, punct])
-            if is_content(core):
+            if content[i]:
                 seen.add(key(core))
             continue
-        if not punct and nxt is not None and is_content(nxt[0]):
+        if not punct and i + 1 < len(toks) and content[i + 1]:
             continue  # a modifier of the next word: dropped alone
         if prev is not None and not prev[1] and key(prev[0]) not in fw:
             kept.append([core, punct])  # the head of a compound ("Green Firecracker"): kept
