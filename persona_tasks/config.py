@@ -194,6 +194,12 @@ class LabellingSettings(BaseModel):
     # dropped with the connective that led to it ("Craigslist and Craigslist" -> "Craigslist"). On the CPU labels of
     # the evaluation's 200 AOL users, 41% of the model's personas had a word twice in a sentence
     drop_repeated_words: bool = True
+    # the truthfulness test at labelling time (labelling.support.ClaimSupport, docs/labelling.md): each claim of a
+    # model's persona is embedded with the embedding model and compared with the memories it cites (as shown to the
+    # model); a description sentence with a claim below [quality] claim_support_threshold is dropped (a repair), an
+    # unsupported label is a problem (sampled again). Word-order salad ("Reviews for yamaha, a reliable honda") is
+    # what the grammar cannot rule out and this catches
+    check_claim_support: bool = True
     # validation of a persona (LLM and extractive alike)
     label_max_words: int = 8
     description_max_sentences: int = 3

@@ -46,13 +46,14 @@ from threadpoolctl import threadpool_limits
 from persona_tasks.config import QualitySettings, Settings
 from persona_tasks.errors import PersonaEtlError
 from persona_tasks.labelling.text import (
-    CLAUSE_WORDS,
     FORMAT_WORDS,
     GENERIC_PERSONA_WORDS,
     STOP_WORDS,
     content_words,
     words,
 )
+from persona_tasks.labelling.support import META_WORDS, SENTENCE_BREAK, best_cosine, split_claims
+from persona_tasks.labelling.support import normalise_rows as _normalise
 from persona_tasks.progress import Progress, set_threads
 from persona_tasks.warehouse import query_pl, query_row, transaction
 
@@ -64,11 +65,6 @@ NEUTRAL = 0.5  # cohesion of a cluster with nothing to be compared with (silhoue
 
 class QualityError(PersonaEtlError):
     """A run cannot be scored (nothing staged, or embeddings of another model)."""
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,9 +208,6 @@ def alignment_score(persona_vec: np.ndarray, memory_vecs: np.ndarray, in_cluster
 # Truthfulness
 # ---------------------------------------------------------------------------------------------------------------
 
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
-# clauses keep their conjunction ("but Zorblax ..."), so a capitalised word after it is not a sentence start
-_CLAUSE = re.compile(r"\s*;\s*|,?\s+(?=(?:" + "|".join(CLAUSE_WORDS) + r")\s)", re.IGNORECASE)
 # "$1,299", "0.5%", "rtx 5070" -> "5070", "58mm", "la roche-posay", "amazon.com", "de'longhi"
 _TOKEN = re.compile(r"\$?[A-Za-z0-9](?:[A-Za-z0-9'&+.,\-]*[A-Za-z0-9%])?")
 _DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
@@ -222,26 +215,6 @@ _DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 # about the world to look up in the evidence
 COUNT_WORDS = FORMAT_WORDS | {"memories", "memory", "times", "time", "sessions", "session", "visits", "visit",
                               "queries", "query", "actions", "action", "events", "event", "adds", "items"}
-
-
-# words about the labelling itself, not the user ("3 memories with no distinctive terms")
-META_WORDS = frozenset({"distinctive", "term", "terms", "keyword", "keywords", "label", "labels", "description"})
-
-
-def split_claims(label: str, description: str) -> list[str]:
-    """The claims of a persona: its label, and each sentence / clause (``;``, ``but``, ``while`` ...) of its
-    description, keeping those with at least one content word (``labelling.text.content_words``, less
-    ``META_WORDS``: "Activity: 5 searches and 2 clicks" or "3 memories with no distinctive terms" claim nothing
-    about the user). Case-insensitive duplicates dropped."""
-    out: list[str] = []
-    seen: set[str] = set()
-    for part in [label or ""] + _SENTENCE.split(description or ""):
-        for clause in _CLAUSE.split(part):
-            c = (clause or "").strip().strip(".!?;:,").strip()
-            if c and set(content_words(c)) - META_WORDS and c.lower() not in seen:
-                seen.add(c.lower())
-                out.append(c)
-    return out
 
 
 def specific_terms(text: str) -> list[str]:
@@ -253,7 +226,7 @@ def specific_terms(text: str) -> list[str]:
     compare them with the evidence case-insensitively (``memory_text`` is lower-cased upstream)."""
     terms: list[str] = []
     seen: set[str] = set()
-    for sentence in _SENTENCE.split(text or ""):
+    for sentence in SENTENCE_BREAK.split(text or ""):
         toks = [m.group() for m in _TOKEN.finditer(sentence)]
         toks = [t.rstrip(".,") for t in toks]
         # title case: every word after the first capitalised, and no lower-case "with", "about", "from" ...
@@ -336,12 +309,7 @@ def truthfulness_score(claims: Sequence[str], claim_vecs: np.ndarray, evidence_t
     times ``(1 - specific_penalty) ** (specific terms of the claims absent from the evidence texts)``."""
     claims = list(claims)
     ev = evidence_texts if isinstance(evidence_texts, EvidenceText) else EvidenceText.of(list(evidence_texts))
-    if claims:
-        cv = _normalise(np.atleast_2d(claim_vecs))
-        xv = np.asarray(evidence_vecs, dtype=np.float64)
-        best = (cv @ _normalise(xv).T).max(axis=1) if xv.size else np.full(len(claims), -1.0)
-    else:
-        best = np.zeros(0)
+    best = best_cosine(claim_vecs, evidence_vecs) if claims else np.zeros(0)
     supported = best >= threshold
     share = float(supported.mean()) if claims else 1.0
     terms: list[str] = []

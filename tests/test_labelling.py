@@ -814,3 +814,63 @@ def test_model_personas_are_repaired_of_repeats_extractive_ones_and_the_switch_o
     short = check_persona("Maps and maps", "A maps of the new in maps.", ["m1"], {"m1": "x"}, CFG,
                           grounding_texts=["maps boston", "street maps"])
     assert "description_too_short" in short.problems
+
+
+# ------------------------------------------------------------------------- claim support at labelling time
+@pytest.fixture(scope="module")
+def claim_support():
+    """The quality scorer's support test with the real embedding model of the default settings (MiniLM)."""
+    from persona_tasks.embed import embedder_from_settings
+    from persona_tasks.labelling.support import ClaimSupport
+
+    s = load_settings(threads=1)
+    return ClaimSupport(embedder_from_settings(s), s.quality.claim_support_threshold)
+
+
+def test_claim_support_keeps_supported_sentences_and_judges_the_label(claim_support):
+    label_ok, kept = claim_support.keep_supported(
+        "Home espresso brewing", ["Compares espresso machines and grinders.", "Plans a trip to Paris museums."],
+        ESPRESSO)
+    assert label_ok and kept == ["Compares espresso machines and grinders."]
+    # every word below is in the memories, in an order none of them has: the scorer would not count it as true
+    label_ok, kept = claim_support.keep_supported("Best youtube clicked under art", ["Dial youtube shot machine."],
+                                                  ESPRESSO)
+    assert not label_ok and kept == ["Dial youtube shot machine."]
+    # a sentence with one unsupported clause goes whole; no claim (no content word) asserts nothing and stays
+    _, kept = claim_support.keep_supported("Espresso", ["Compares espresso grinders, but plans a trip to Paris.",
+                                                        "And more."], ESPRESSO)
+    assert kept == ["And more."]
+    # each text is encoded once, however many candidates are checked against the same memories
+    before = claim_support.encoded
+    claim_support.keep_supported("Home espresso brewing", ["Compares espresso machines and grinders."], ESPRESSO)
+    assert claim_support.encoded == before
+
+
+def test_unsupported_claims_are_dropped_or_resampled_and_the_switch_turns_it_off(tokenizer, claim_support):
+    from persona_tasks.labelling import LLMLabeller
+
+    def script(prompt: str, call: int) -> str:
+        if call == 1:  # grounded word by word, but no memory says it: resampled
+            return " Best youtube clicked under art\nDescription: Compares espresso machines and grinders.\nEvidence: m1\n"
+        if call == 2:  # a good label and sentence, and a sentence the memories do not support: dropped
+            return (" Home espresso brewing\nDescription: Compares espresso machines and grinders. Plans a trip to "
+                    "Paris museums.\nEvidence: m1, m2\n")
+        return " Home espresso brewing\nDescription: Compares espresso grinders, but plans a trip to Paris.\nEvidence: m1\n"
+
+    lab = LLMLabeller(settings(max_attempts=3), model=ScriptedLM(tokenizer, script), tokenizer=tokenizer,
+                      model_version="scripted@1", claim_support=claim_support)
+    (p,) = lab.label([cluster("u", "esp", ESPRESSO)])
+    assert (p.labeller, p.attempts, p.label) == ("llm", 2, "Home espresso brewing")
+    assert p.description == "Compares espresso machines and grinders."
+    assert "dropped_unsupported_claim" in p.repairs and lab.stats.problems["unsupported_label"] == 1
+    assert lab.stats.repairs["dropped_unsupported_claim"] == 1
+    # nothing left of the description: a problem, so the labeller samples again (here: falls back)
+    lab = LLMLabeller(settings(max_attempts=1), model=ScriptedLM(tokenizer, lambda pr, c: script(pr, 3)),
+                      tokenizer=tokenizer, model_version="scripted@1", claim_support=claim_support)
+    (p,) = lab.label([cluster("u", "esp", ESPRESSO)])
+    assert p.fallback and lab.stats.problems["unsupported_description"] == 1
+    # switched off: the first answer is taken as written
+    lab = LLMLabeller(settings(max_attempts=3, check_claim_support=False), model=ScriptedLM(tokenizer, script),
+                      tokenizer=tokenizer, model_version="scripted@1", claim_support=claim_support)
+    (p,) = lab.label([cluster("u", "esp", ESPRESSO)])
+    assert (p.attempts, p.label) == (1, "Best youtube clicked under art")

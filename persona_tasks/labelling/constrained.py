@@ -69,7 +69,7 @@ def persona_grammar(vocabulary: list[str], n_ids: int, cfg: LabellingSettings) -
     names what the cluster is about, in more than one word where it can ("Looks for espresso grinder reviews.",
     not "Looks at china."), and cannot drift into function words ("A many, many, more, results.")."""
     content = sorted({w for w in vocabulary if content_words(w)}) or sorted(set(vocabulary)) or ["activity"]
-    # no clause word ("but", "while"): quality.split_claims cuts a sentence there, and the clause after it would be
+    # no clause word ("but", "while"): support.split_claims cuts a sentence there, and the clause after it would be
     # a claim of its own with no minimum of content words ("but also looks at cars")
     other = sorted((set(vocabulary) | set(function_words())) - set(content) - set(CLAUSE_WORDS))
     c_low, c_cap = _alternation(content), _alternation(_capitalised(content))

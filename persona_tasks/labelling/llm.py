@@ -21,7 +21,8 @@ from persona_tasks.labelling.model import load_causal_lm, prepare_tokenizer
 from persona_tasks.labelling.prompt import EXAMPLE_TOPIC_WORDS, PROMPT_PHRASES, PromptSpec, build_prompt
 from persona_tasks.labelling.text import has_public_content
 from persona_tasks.labelling.types import ClusterInput, PersonaLabel
-from persona_tasks.labelling.validate import Checked, check_persona, parse_output
+from persona_tasks.labelling.support import ClaimSupport
+from persona_tasks.labelling.validate import Checked, check_persona, parse_output, split_sentences
 from persona_tasks.progress import Progress, set_threads
 
 log = logging.getLogger(__name__)
@@ -146,9 +147,12 @@ class LLMLabeller:
     name = "llm"
 
     def __init__(self, settings: Settings, model: Any = None, tokenizer: Any = None,
-                 model_version: str | None = None):
+                 model_version: str | None = None, claim_support: ClaimSupport | None = None):
         self.settings = settings
         self.cfg = settings.labelling
+        # the truthfulness test at labelling time ([labelling] check_claim_support); the embedding model loads on
+        # first use
+        self._claim_support = claim_support
         if model is None or tokenizer is None:
             model, tokenizer, model_version = load_causal_lm(settings)
         else:
@@ -258,21 +262,54 @@ class LLMLabeller:
         come from (``constrained.matched_evidence``), not the ids the model wrote (mostly m1..m5 in order); the
         free arm keeps the model's citation."""
         parsed = parse_output(completion)
-        evidence = parsed.evidence
-        if prompt.grammar is not None and parsed.label is not None and self.cfg.grammar_evidence == "matched":
-            from persona_tasks.labelling.constrained import matched_evidence
-
-            evidence = matched_evidence(parsed.label, parsed.description or "", prompt.shown_texts,
-                                        self.cfg.max_evidence) or evidence
-        checked = check_persona(parsed.label, parsed.description, evidence, prompt.local_ids, self.cfg,
-                                grounding_texts=prompt.shown_texts, forbidden_phrases=PROMPT_PHRASES,
-                                forbidden_words=EXAMPLE_TOPIC_WORDS)
+        checked = self._validate(prompt, parsed.label, parsed.description, parsed.evidence)
+        if checked.ok and self.cfg.check_claim_support:
+            checked = self._check_claims(prompt, checked, parsed.evidence)
         if parsed.extra_text:
             checked.repairs.insert(0, "dropped_extra_text")
         if parsed.via_json:
             checked.repairs.insert(0, "parsed_json")
         if not (completion or "").strip() or completion.strip() == prompt.prefill:
             checked.problems = ["empty_output"]
+        return checked
+
+    def _validate(self, prompt: PromptSpec, label: str | None, description: str | None,
+                  cited: list[str]) -> Checked:
+        evidence = cited
+        if prompt.grammar is not None and label is not None and self.cfg.grammar_evidence == "matched":
+            from persona_tasks.labelling.constrained import matched_evidence
+
+            evidence = matched_evidence(label, description or "", prompt.shown_texts, self.cfg.max_evidence) or cited
+        return check_persona(label, description, evidence, prompt.local_ids, self.cfg,
+                             grounding_texts=prompt.shown_texts, forbidden_phrases=PROMPT_PHRASES,
+                             forbidden_words=EXAMPLE_TOPIC_WORDS)
+
+    @property
+    def claim_support(self) -> ClaimSupport:
+        if self._claim_support is None:
+            from persona_tasks.embed import embedder_from_settings
+
+            self._claim_support = ClaimSupport(embedder_from_settings(self.settings),
+                                               self.settings.quality.claim_support_threshold)
+        return self._claim_support
+
+    def _check_claims(self, prompt: PromptSpec, checked: Checked, cited: list[str]) -> Checked:
+        """The quality scorer's support test on a valid persona, against the memories it cites (as shown): an
+        unsupported label is a problem (``unsupported_label``); description sentences with an unsupported claim are
+        dropped (``dropped_unsupported_claim``) and the rest validated again (its evidence matched again), or, when
+        none is left, ``unsupported_description``."""
+        shown = dict(zip(prompt.local_ids.values(), prompt.shown_texts))
+        evidence = [shown[i] for i in checked.evidence_ids if i in shown] or prompt.shown_texts
+        sentences = split_sentences(checked.description)
+        label_ok, kept = self.claim_support.keep_supported(checked.label, sentences, evidence)
+        if not label_ok:
+            checked.problems.append("unsupported_label")
+        elif not kept:
+            checked.problems.append("unsupported_description")
+        elif len(kept) < len(sentences):
+            again = self._validate(prompt, checked.label, " ".join(kept), cited)
+            again.repairs = list(dict.fromkeys(checked.repairs + ["dropped_unsupported_claim"] + again.repairs))
+            return again
         return checked
 
     def _persona(self, prompt: PromptSpec, checked: Checked, attempts: int) -> PersonaLabel:

@@ -53,7 +53,7 @@ GENERIC_PERSONA_WORDS = frozenset(
 )
 
 # words that open a new claim inside a sentence ("Looks for tents, but also reads about kayaks": two claims, each
-# checked against the evidence on its own; quality.split_claims): the grammar arms may not write them mid-sentence
+# checked against the evidence on its own; labelling.support.split_claims): the grammar arms may not write them mid-sentence
 CLAUSE_WORDS = ("but", "while", "whereas", "although")
 
 FUNCTION_WORDS_FILE = Path(__file__).with_name("function_words.txt")
