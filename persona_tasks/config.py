@@ -198,7 +198,8 @@ class LabellingSettings(BaseModel):
     # model's persona is embedded with the embedding model and compared with the memories it cites (as shown to the
     # model); a description sentence with a claim below [quality] claim_support_threshold is dropped (a repair), an
     # unsupported label is a problem (sampled again). Word-order salad ("Reviews for yamaha, a reliable honda") is
-    # what the grammar cannot rule out and this catches
+    # what the grammar cannot rule out and this catches. On the evaluation's 200 AOL users (2026-12-05) truthfulness
+    # 0.947 -> 0.980, objective 0.801 -> 0.815, fallback 1.0% -> 2.3%, Hit@10 within noise (docs/labelling.md)
     check_claim_support: bool = True
     # validation of a persona (LLM and extractive alike)
     label_max_words: int = 8
