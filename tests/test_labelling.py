@@ -874,3 +874,30 @@ def test_unsupported_claims_are_dropped_or_resampled_and_the_switch_turns_it_off
                       tokenizer=tokenizer, model_version="scripted@1", claim_support=claim_support)
     (p,) = lab.label([cluster("u", "esp", ESPRESSO)])
     assert (p.attempts, p.label) == (1, "Best youtube clicked under art")
+
+
+def test_check_all_equals_check_one_by_one_with_one_encode_call(tokenizer, claim_support):
+    from persona_tasks.labelling import LLMLabeller
+    from persona_tasks.labelling.prompt import build_prompt
+
+    lab = LLMLabeller(settings(), model=ScriptedLM(tokenizer, lambda p, c: ""), tokenizer=tokenizer,
+                      claim_support=claim_support)
+    p = build_prompt(cluster("u", "esp", ESPRESSO), tokenizer, lab.cfg)
+    texts = [p.prefill + " Home espresso brewing\nDescription: Compares espresso machines and grinders. Plans a trip "
+             "to Paris museums.\nEvidence: m1, m2\n",
+             p.prefill + " Best youtube clicked under art\nDescription: Compares espresso grinders.\nEvidence: m1\n",
+             p.prefill + " Milk pitcher latte art\nDescription: Reads about milk frothing.\nEvidence: m5\n", ""]
+    calls = []
+    encode = claim_support.embedder.encode
+    claim_support.embedder.encode = lambda xs: calls.append(len(xs)) or encode(xs)
+    claim_support._cache.clear()
+    try:
+        together = lab.check_all([(p, t) for t in texts])
+    finally:
+        claim_support.embedder.encode = encode
+    assert len(calls) == 1
+    one_by_one = [lab.check(p, t) for t in texts]
+    assert [(c.ok, c.label, c.description, c.problems, c.repairs) for c in together] == \
+        [(c.ok, c.label, c.description, c.problems, c.repairs) for c in one_by_one]
+    assert together[0].ok and "dropped_unsupported_claim" in together[0].repairs
+    assert together[1].problems == ["unsupported_label"]

@@ -22,7 +22,7 @@ from persona_tasks.labelling.prompt import EXAMPLE_TOPIC_WORDS, PROMPT_PHRASES, 
 from persona_tasks.labelling.text import has_public_content
 from persona_tasks.labelling.types import ClusterInput, PersonaLabel
 from persona_tasks.labelling.support import ClaimSupport
-from persona_tasks.labelling.validate import Checked, check_persona, parse_output, split_sentences
+from persona_tasks.labelling.validate import Checked, ParsedOutput, check_persona, parse_output, split_sentences
 from persona_tasks.progress import Progress, set_threads
 
 log = logging.getLogger(__name__)
@@ -261,8 +261,35 @@ class LLMLabeller:
         """Parse and validate one completion. Under a grammar arm the evidence is the memories the persona's words
         come from (``constrained.matched_evidence``), not the ids the model wrote (mostly m1..m5 in order); the
         free arm keeps the model's citation."""
+        return self._finish(prompt, completion, *self._first_pass(prompt, completion))
+
+    def check_all(self, items: list[tuple[PromptSpec, str]]) -> list[Checked | Exception]:
+        """``check`` of many completions, with the claim-support embeddings of all of them computed in one encode
+        call (a GPU batch is not held up by one small call per persona). An exception raised while checking one
+        completion is returned in its place."""
+        firsts: list[tuple[ParsedOutput, Checked] | Exception] = []
+        for p, text in items:
+            try:
+                firsts.append(self._first_pass(p, text))
+            except Exception as e:  # noqa: BLE001 - the caller decides (counted, or raised)
+                firsts.append(e)
+        if self.cfg.check_claim_support:
+            self.claim_support.prefetch([t for (p, _), f in zip(items, firsts)
+                                         if not isinstance(f, Exception) and f[1].ok
+                                         for t in self.claim_support.texts(*self._claim_inputs(p, f[1]))])
+        out: list[Checked | Exception] = []
+        for (p, text), f in zip(items, firsts):
+            try:
+                out.append(f if isinstance(f, Exception) else self._finish(p, text, *f))
+            except Exception as e:  # noqa: BLE001
+                out.append(e)
+        return out
+
+    def _first_pass(self, prompt: PromptSpec, completion: str) -> tuple[ParsedOutput, Checked]:
         parsed = parse_output(completion)
-        checked = self._validate(prompt, parsed.label, parsed.description, parsed.evidence)
+        return parsed, self._validate(prompt, parsed.label, parsed.description, parsed.evidence)
+
+    def _finish(self, prompt: PromptSpec, completion: str, parsed: ParsedOutput, checked: Checked) -> Checked:
         if checked.ok and self.cfg.check_claim_support:
             checked = self._check_claims(prompt, checked, parsed.evidence)
         if parsed.extra_text:
@@ -293,15 +320,20 @@ class LLMLabeller:
                                                self.settings.quality.claim_support_threshold)
         return self._claim_support
 
+    @staticmethod
+    def _claim_inputs(prompt: PromptSpec, checked: Checked) -> tuple[str, list[str], list[str]]:
+        """(label, description sentences, texts of the cited memories as shown) of a valid persona."""
+        shown = dict(zip(prompt.local_ids.values(), prompt.shown_texts))
+        evidence = [shown[i] for i in checked.evidence_ids if i in shown] or prompt.shown_texts
+        return checked.label, split_sentences(checked.description), evidence
+
     def _check_claims(self, prompt: PromptSpec, checked: Checked, cited: list[str]) -> Checked:
         """The quality scorer's support test on a valid persona, against the memories it cites (as shown): an
         unsupported label is a problem (``unsupported_label``); description sentences with an unsupported claim are
         dropped (``dropped_unsupported_claim``) and the rest validated again (its evidence matched again), or, when
         none is left, ``unsupported_description``."""
-        shown = dict(zip(prompt.local_ids.values(), prompt.shown_texts))
-        evidence = [shown[i] for i in checked.evidence_ids if i in shown] or prompt.shown_texts
-        sentences = split_sentences(checked.description)
-        label_ok, kept = self.claim_support.keep_supported(checked.label, sentences, evidence)
+        label, sentences, evidence = self._claim_inputs(prompt, checked)
+        label_ok, kept = self.claim_support.keep_supported(label, sentences, evidence)
         if not label_ok:
             checked.problems.append("unsupported_label")
         elif not kept:
@@ -362,16 +394,15 @@ class LLMLabeller:
                 self.stats.regenerations += len(pending)
             comps = self.generate([prompts[i] for i in pending], do_sample=attempt > 1,
                                   seed=self.cfg.seed + attempt, desc=f"label-llm attempt {attempt}")
-            for i, comp in zip(pending, comps):
+            done = [(i, comp[0]) for i, comp in zip(pending, comps) if comp is not None]
+            if len(done) < len(pending):
+                self.stats.problems["generation_error"] += len(pending) - len(done)
+            checks = self.check_all([(prompts[i], text) for i, text in done])  # type: ignore[misc]
+            for (i, _), checked in zip(done, checks):
                 p = prompts[i]
                 assert p is not None
-                if comp is None:
-                    self.stats.problems["generation_error"] += 1
-                    continue
-                try:
-                    checked = self.check(p, comp[0])
-                except Exception as e:  # noqa: BLE001 - a parser bug must not end the run
-                    log.warning("validation failed for cluster %s (%s)", p.cluster_id, type(e).__name__)
+                if isinstance(checked, Exception):  # a parser bug must not end the run
+                    log.warning("validation failed for cluster %s (%s)", p.cluster_id, type(checked).__name__)
                     self.stats.problems["validation_error"] += 1
                     continue
                 if checked.ok:
@@ -432,13 +463,15 @@ class LLMLabeller:
     def _candidates(self, clusters: list[ClusterInput], prompts: list[PromptSpec | None],
                     comps: dict[int, list[str] | None]) -> list[list[Candidate]]:
         out: list[list[Candidate]] = [[] for _ in clusters]
-        for i, comp in comps.items():
+        items = [(i, text) for i, comp in comps.items() for text in comp or []]
+        checks = self.check_all([(prompts[i], text) for i, text in items])  # type: ignore[misc]
+        for (i, text), checked in zip(items, checks):
             p = prompts[i]
             assert p is not None
-            for text in comp or []:
-                checked = self.check(p, text)
-                out[i].append(Candidate(prompt=p, completion=text, checked=checked, sampled=True,
-                                        persona=self._persona(p, checked, 1) if checked.ok else None))
+            if isinstance(checked, Exception):
+                raise checked
+            out[i].append(Candidate(prompt=p, completion=text, checked=checked, sampled=True,
+                                    persona=self._persona(p, checked, 1) if checked.ok else None))
         return out
 
 

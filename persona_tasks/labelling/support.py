@@ -92,6 +92,15 @@ class ClaimSupport:
             self.encoded += len(new)
         return np.array([self._cache[t] for t in texts]) if texts else np.zeros((0, 1))
 
+    def prefetch(self, texts: Sequence[str]) -> None:
+        """Encode ``texts`` now, in one call (``texts`` of many personas), so later tests find them cached."""
+        self._vectors(list(dict.fromkeys(t for t in texts if t and t.strip())))
+
+    @staticmethod
+    def texts(label: str, sentences: Sequence[str], evidence_texts: Sequence[str]) -> list[str]:
+        """What ``keep_supported(label, sentences, evidence_texts)`` encodes: the claims, then the evidence."""
+        return _claims_of(label or "") + [c for s in sentences for c in _claims_of(s)] + list(evidence_texts)
+
     def supported(self, claims: Sequence[str], evidence_texts: Sequence[str]) -> list[bool]:
         """Per claim: is its best cosine to one of ``evidence_texts`` at least the threshold?"""
         claims = list(claims)
