@@ -255,8 +255,13 @@ class GlobalUMAP:
         x = np.ascontiguousarray(x, dtype=np.float32)
         idx = np.empty((n, k), dtype=np.int32)
         dst = np.empty((n, k), dtype=np.float32)
+        # cosine similarity (rows normalised) in float64, then rounded to float32: an AVX-512 float32 GEMM sums in an
+        # order that depends on the batch's shape (up to 5e-5 apart on the same row), which made a memory's
+        # neighbours, hence its coordinates, depend on the other memories of the call; float64 sums rounded to
+        # float32 agree
+        sample64 = self.sample.astype(np.float64)
         for a0 in range(0, n, chunk):
-            s = x[a0:a0 + chunk] @ self.sample.T                      # cosine similarity (rows normalised)
+            s = (x[a0:a0 + chunk].astype(np.float64) @ sample64.T).astype(np.float32)
             part = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else np.tile(
                 np.arange(s.shape[1]), (s.shape[0], 1))
             d = np.clip(1.0 - np.take_along_axis(s, part, axis=1), 0.0, 2.0)
