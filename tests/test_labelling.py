@@ -494,6 +494,32 @@ def test_grammar_claims_name_the_cluster_in_several_content_words_without_functi
                                                "and burr grinder.\nEvidence: m1\n")
 
 
+def test_grammar_has_no_pronouns_or_quantifiers_of_its_own_but_keeps_the_clusters(tokenizer):
+    """Before 2026-12-05 the closed list held they/their/them/this/which/who and many/more/several/some/new, and the
+    model strung them between the cluster's words ("They have the many ford, which is on their dallas"); without
+    them every score of the skeleton arm rose (docs/labelling.md). A cluster whose own memories hold such a word may
+    still use it; ``new`` now names something, so it is a content word to ground."""
+    from persona_tasks.labelling.constrained import cluster_vocabulary, persona_grammar
+    from persona_tasks.labelling.text import content_words, function_words
+
+    assert not {"they", "their", "them", "this", "which", "who", "many", "more", "several", "some",
+                "new"} & function_words()
+    assert content_words("new") == ["new"] and content_words("many of their") == []
+    shown = ["ford dealer dallas", "thunderbird ford parts", "cars.com ebay"]
+    g = persona_grammar(cluster_vocabulary(shown), 3, LabellingSettings(claim_min_content_words=2))
+
+    def ok(g_: str, description: str) -> bool:
+        return _grammar_accepts(tokenizer, g_, f" Ford dealer\nDescription: {description}\nEvidence: m1\n")
+
+    assert ok(g, "Looks for ford dealer in dallas.")
+    assert not ok(g, "They have the ford, which is on their dallas.")
+    assert not ok(g, "Looks for many ford dealer.")
+    # the cluster's own "many" (a stop word of its memories) stays allowed
+    own = persona_grammar(cluster_vocabulary(shown + ["many ford parts"]), 4,
+                          LabellingSettings(claim_min_content_words=2))
+    assert ok(own, "Looks for many ford dealer.")
+
+
 def test_function_words_are_not_content_a_reader_accepts_compares_and_follows():
     # before: "compares" and "follows" counted as invented content words, so a description made of the
     # memories' words plus such verbs failed grounding; the closed list is neutral now
@@ -811,7 +837,7 @@ def test_model_personas_are_repaired_of_repeats_extractive_ones_and_the_switch_o
     plain = check_persona("Cars and cars", "5 memories mostly about cars, cars and boston.", ["m1"], {"m1": "x"}, CFG)
     assert plain.label == "Cars and cars"
     # a repair that leaves too little is a problem (the labeller samples another attempt), not a silent pass
-    short = check_persona("Maps and maps", "A maps of the new in maps.", ["m1"], {"m1": "x"}, CFG,
+    short = check_persona("Maps and maps", "A maps of the many in maps.", ["m1"], {"m1": "x"}, CFG,
                           grounding_texts=["maps boston", "street maps"])
     assert "description_too_short" in short.problems
 

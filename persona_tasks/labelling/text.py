@@ -136,7 +136,6 @@ def drop_repeated_words(sentence: str) -> str:
     go too ("more rates on miller," and "and Craigslist" leave nothing behind), unless a content word stands right
     before it: then it is the head of a compound ("Red Firecracker and Green Firecracker") and stays. A dropped
     word's trailing punctuation moves to the word kept before it. Text without a repeat is unchanged."""
-    fw = function_words()
     toks = [_TOKEN_PUNCT.match(t).groups() for t in sentence.split()]
     kept: list[list[str]] = []  # [core, punctuation]
     seen: set[str] = set()
@@ -145,6 +144,9 @@ def drop_repeated_words(sentence: str) -> str:
         return core.lower().strip("'")
 
     content = [content_words(core) == [key(core)] for core, _ in toks]
+
+    def leads_in(core: str) -> bool:  # a word that names nothing: a function or stop word ("about", "many")
+        return bool(words(core)) and not content_words(core)
     for i, (core, punct) in enumerate(toks):
         prev = kept[-1] if kept else None
         if prev is not None and not prev[1] and key(prev[0]) == key(core) and words(core):
@@ -158,10 +160,10 @@ def drop_repeated_words(sentence: str) -> str:
             continue
         if not punct and i + 1 < len(toks) and content[i + 1]:
             continue  # a modifier of the next word: dropped alone
-        if prev is not None and not prev[1] and key(prev[0]) not in fw:
+        if prev is not None and not prev[1] and not leads_in(prev[0]):
             kept.append([core, punct])  # the head of a compound ("Green Firecracker"): kept
             continue
-        while len(kept) > 1 and not kept[-1][1] and key(kept[-1][0]) in fw:
+        while len(kept) > 1 and not kept[-1][1] and leads_in(kept[-1][0]):
             kept.pop()  # the function words that led up to it ("about miller", "and Craigslist")
         if punct:
             kept[-1][1] = punct
