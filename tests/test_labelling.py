@@ -497,8 +497,9 @@ def test_grammar_claims_name_the_cluster_in_several_content_words_without_functi
 def test_grammar_has_no_pronouns_or_quantifiers_of_its_own_but_keeps_the_clusters(tokenizer):
     """Before 2026-12-05 the closed list held they/their/them/this/which/who and many/more/several/some/new, and the
     model strung them between the cluster's words ("They have the many ford, which is on their dallas"); without
-    them every score of the skeleton arm rose (docs/labelling.md). A cluster whose own memories hold such a word may
-    still use it; ``new`` now names something, so it is a content word to ground."""
+    them the skeleton arm's objective, truthfulness and alignment rose on both samples (docs/labelling.md). A
+    cluster whose own memories hold such a word may still use it; ``new`` now names something, so it is a content
+    word to ground."""
     from persona_tasks.labelling.constrained import cluster_vocabulary, persona_grammar
     from persona_tasks.labelling.text import content_words, function_words
 

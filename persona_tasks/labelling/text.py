@@ -133,8 +133,9 @@ def drop_repeated_words(sentence: str) -> str:
     A word equal to the word right before it is dropped ("mets mets", "many many"). A later occurrence of a content
     word (``content_words``, case-insensitive) is dropped alone when a content word follows it (a modifier: "adult
     divorce and adult bible" -> "... and bible"); when it ends a phrase, the function words that only led up to it
-    go too ("more rates on miller," and "and Craigslist" leave nothing behind), unless a content word stands right
-    before it: then it is the head of a compound ("Red Firecracker and Green Firecracker") and stays. A dropped
+    go too ("more rates on miller," and "and Craigslist" leave nothing behind; a lead-in is any word that names
+    nothing: a function or stop word), unless a content word stands right before it: then it is the head of a
+    compound ("Red Firecracker and Green Firecracker") and stays. A dropped
     word's trailing punctuation moves to the word kept before it. Text without a repeat is unchanged."""
     toks = [_TOKEN_PUNCT.match(t).groups() for t in sentence.split()]
     kept: list[list[str]] = []  # [core, punctuation]
@@ -147,6 +148,7 @@ def drop_repeated_words(sentence: str) -> str:
 
     def leads_in(core: str) -> bool:  # a word that names nothing: a function or stop word ("about", "many")
         return bool(words(core)) and not content_words(core)
+
     for i, (core, punct) in enumerate(toks):
         prev = kept[-1] if kept else None
         if prev is not None and not prev[1] and key(prev[0]) == key(core) and words(core):
