@@ -873,6 +873,24 @@ def test_claim_support_keeps_supported_sentences_and_judges_the_label(claim_supp
     assert claim_support.encoded == before
 
 
+def test_claim_support_cache_evicts_least_recently_used_never_a_text_in_use(claim_support):
+    """A bounded cache: a call that mixes cached and new texts past the bound still answers (the old cache cleared
+    itself when full and then looked up a text it had just dropped), and the oldest texts go first."""
+    from persona_tasks.labelling.support import ClaimSupport
+
+    small = ClaimSupport(claim_support.embedder, claim_support.threshold, cache_size=4)
+    first = small.keep_supported("Espresso", [], ESPRESSO[:2])  # 3 texts cached
+    both = small.keep_supported("Home espresso brewing", ["Compares espresso machines and grinders."], ESPRESSO)
+    assert both == claim_support.keep_supported("Home espresso brewing",
+                                                ["Compares espresso machines and grinders."], ESPRESSO)
+    assert first == claim_support.keep_supported("Espresso", [], ESPRESSO[:2])
+    assert len(small._cache) == 4
+    # the most recently used texts stay: asking for the last evidence again encodes nothing
+    before = small.encoded
+    small.supported(["espresso grinders"], ESPRESSO[-2:])
+    assert small.encoded == before + 1
+
+
 def test_unsupported_claims_are_dropped_or_resampled_and_the_switch_turns_it_off(tokenizer, claim_support):
     from persona_tasks.labelling import LLMLabeller
 

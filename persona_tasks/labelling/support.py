@@ -13,6 +13,7 @@ the model was shown (k-anonymously masked), never the raw log text.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,19 +79,24 @@ class ClaimSupport:
     def __init__(self, embedder: Any, threshold: float, cache_size: int = 20_000):
         self.embedder = embedder
         self.threshold = float(threshold)
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
         self.encoded = 0
 
     def _vectors(self, texts: Sequence[str]) -> np.ndarray:
+        """The vectors of ``texts``, new ones encoded in one call. The cache keeps the ``cache_size`` most recently
+        used texts (least recently used evicted), and never evicts a text of the call it is answering."""
         new = list(dict.fromkeys(t for t in texts if t not in self._cache))
         if new:
-            if len(self._cache) + len(new) > self._cache_size:
-                self._cache.clear()
             for t, v in zip(new, np.asarray(self.embedder.encode(new), dtype=np.float64)):
                 self._cache[t] = v
             self.encoded += len(new)
-        return np.array([self._cache[t] for t in texts]) if texts else np.zeros((0, 1))
+        for t in texts:
+            self._cache.move_to_end(t)
+        out = np.array([self._cache[t] for t in texts]) if texts else np.zeros((0, 1))
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return out
 
     def prefetch(self, texts: Sequence[str]) -> None:
         """Encode ``texts`` now, in one call (``texts`` of many personas), so later tests find them cached."""
