@@ -204,6 +204,10 @@ class LabellingSettings(BaseModel):
     # validation of a persona (LLM and extractive alike)
     label_max_words: int = 8
     description_max_sentences: int = 3
+    # grammar arms (constrained, skeleton): each description sentence opens with a closed opener of
+    # labelling/description_openers.txt ("Looks for", "Compares"), as the `phrases` arm's do, so it reads as what the
+    # user does; between the opener and the first content word only an article or the cluster's own stop words
+    sentence_openers: bool = False
     # `phrases` arm: the most phrases of the cluster one description sentence may list ("Looks for A, B and C.").
     # A sentence is one claim for truthfulness; one listing several memories' phrases is close to none of them
     phrases_per_sentence: int = Field(default=4, ge=1, le=6)

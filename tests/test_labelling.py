@@ -521,6 +521,33 @@ def test_grammar_has_no_pronouns_or_quantifiers_of_its_own_but_keeps_the_cluster
     assert ok(own, "Looks for many ford dealer.")
 
 
+def test_grammar_puts_an_article_only_before_a_content_word_and_can_open_each_sentence_with_an_opener(tokenizer):
+    """The demo showed "A in the jack.": an article followed by a preposition. An article now stands only right
+    before a content word. With ``sentence_openers`` each description sentence opens with a closed opener
+    ("Looks for", "Compares"), after which only an article or the cluster's own stop words precede the first
+    content word."""
+    from persona_tasks.labelling.constrained import cluster_vocabulary, persona_grammar
+
+    vocab = cluster_vocabulary(PLAIN_ESPRESSO + ["how to make espresso at home"])
+    plain = persona_grammar(vocab, 4, LabellingSettings(claim_min_content_words=2))
+    opened = persona_grammar(vocab, 4, LabellingSettings(claim_min_content_words=2, sentence_openers=True))
+
+    def ok(g: str, description: str) -> bool:
+        return _grammar_accepts(tokenizer, g, f" Espresso machine\nDescription: {description}\nEvidence: m1\n")
+
+    assert ok(plain, "Looks for a burr grinder for espresso beans.")
+    assert ok(plain, "A burr grinder for the espresso machine.")
+    assert not ok(plain, "A in the espresso machine.")           # an article before a preposition
+    assert not ok(plain, "Looks for the, espresso machine.")
+    assert not ok(plain, "Looks for the of espresso machine.")
+    assert ok(plain, "Burr grinder and espresso machine.")       # no opener needed without the option
+    assert ok(opened, "Looks for a burr grinder for espresso beans. Compares espresso machine, breville barista.")
+    assert ok(opened, "Looks for how to make espresso at home.")  # the cluster's own stop words after the opener
+    assert not ok(opened, "Burr grinder and espresso machine.")   # no opener
+    assert not ok(opened, "Looks for in the espresso machine.")   # a closed preposition after the opener
+    assert not ok(opened, "A burr grinder for the espresso machine.")
+
+
 def test_function_words_are_not_content_a_reader_accepts_compares_and_follows():
     # before: "compares" and "follows" counted as invented content words, so a description made of the
     # memories' words plus such verbs failed grounding; the closed list is neutral now

@@ -55,6 +55,22 @@ def _capitalised(ws: list[str]) -> list[str]:
     return [w[:1].upper() + w[1:] for w in ws]
 
 
+ARTICLES = frozenset({"a", "an", "the"})
+
+
+def _chunk(others: str | None, articles: str | None, content: str, run: int) -> str:
+    """A regex of one chunk: at most ``run`` non-content words (``others``; an article only as the last of them),
+    then a content word."""
+    if run <= 0:
+        return content
+    parts = [p for p in (others, articles) if p]
+    if not parts:
+        return content
+    last = "(?:" + "|".join(parts) + ")"
+    lead = f"(?:{others} ){{0,{run - 1}}}" if others and run > 1 else ""
+    return f"{lead}(?:{last} )?{content}"
+
+
 # the most content words of one description sentence (each after at most function_run_max other words)
 _SENTENCE_CHUNKS_MAX = 6
 
@@ -72,13 +88,35 @@ def persona_grammar(vocabulary: list[str], n_ids: int, cfg: LabellingSettings) -
     # no clause word ("but", "while"): support.split_claims cuts a sentence there, and the clause after it would be
     # a claim of its own with no minimum of content words ("but also looks at cars")
     other = sorted((set(vocabulary) | set(function_words())) - set(content) - set(CLAUSE_WORDS))
+    # an article stands right before a content word ("the jack", never "A in the jack", "a, the" or "the many"):
+    # in a run of non-content words it can only come last
+    articles = sorted(set(other) & ARTICLES)
+    rest = sorted(set(other) - ARTICLES) or articles
     c_low, c_cap = _alternation(content), _alternation(_capitalised(content))
+    r_low, r_cap = _alternation(rest), _alternation(_capitalised(rest))
     n_low, n_cap = _alternation(other), _alternation(_capitalised(other))
     run = max(0, cfg.function_run_max)
     k_min = max(1, min(cfg.claim_min_content_words, len(content)))
-    # a description sentence: capitalised first word, 2+ chunks separated by " " or ", ", a full stop
-    chunk = f"(?:{n_low} ){{0,{run}}}{c_low}"
-    first = f"(?:{n_cap} (?:{n_low} ){{0,{run - 1}}}{c_low}|{c_cap})" if run else c_cap
+    chunk = _chunk(r_low, _alternation(articles) if articles else None, c_low, run)
+    if cfg.sentence_openers and run:
+        # a closed opener ("Looks for", "Compares"), then the first chunk, which opens with an article right before
+        # a content word, a content word, or one of the cluster's own stop words ("Looks for the jack", "Looks for
+        # how to make ...", never "Looks for in the jack")
+        own_stop = sorted(set(other) - set(function_words()))
+        art = f"(?:{_alternation(articles)} )?" if articles else ""
+        alts = [f"{art}{c_low}"]
+        if own_stop:
+            alts.append(f"{_alternation(own_stop)} "
+                        + _chunk(r_low, _alternation(articles) if articles else None, c_low, run - 1))
+        first = f"{_alternation(list(description_openers()))} (?:{'|'.join(alts)})"
+    elif run:
+        # capitalised first word: a content word, an article right before one, or another word opening a chunk
+        cap_art = f"|{_alternation(_capitalised(articles))} {c_low}" if articles else ""
+        tail = _chunk(r_low, _alternation(articles) if articles else None, c_low, run - 1)
+        first = f"(?:{r_cap} {tail}{cap_art}|{c_cap})"
+    else:
+        first = c_cap
+    # a description sentence: its first chunk, 2+ chunks separated by " " or ", ", a full stop
     k_max = max(k_min, _SENTENCE_CHUNKS_MAX)
     sentence = f"{first}(?:(?:, | ){chunk}){{{k_min - 1},{k_max - 1}}}\\."
     # the label opens with a content word (a label of function words only, "Looking for a", says nothing), then
