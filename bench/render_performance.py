@@ -453,8 +453,8 @@ def arm_of(files, model: str, dataset: str, arm: str):
 
 def labelling_arms_table(files) -> str:
     """bench/bench_labelling_arms.py: one row per model, dataset and decoding arm."""
-    out = ["| model | dataset | arm | clusters | fallback rate | objective | truthfulness | alignment | cohesion | "
-           "s per persona | problems (all attempts) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = ["| model | file | dataset | arm | clusters | fallback rate | objective | truthfulness | alignment | cohesion | "
+           "s per persona | problems (all attempts) |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for d in files if isinstance(files, list) else [files]:
         model = d.model_version.split("@")[0]
         for source, ds in d.datasets.items():
@@ -462,7 +462,7 @@ def labelling_arms_table(files) -> str:
                 q = r.quality
                 counts = sorted(raw(r.get("problems", {})).items(), key=lambda kv: -kv[1])
                 probs = ", ".join(f"{k} {v}" for k, v in counts)
-                out.append(f"| {model} | {source} | {arm} | {r.clusters} | {r.fallback_rate:.3f} | "
+                out.append(f"| {model} | `{d.stem}` | {source} | {arm} | {r.clusters} | {r.fallback_rate:.3f} | "
                            f"{_f(q.get('objective'), 3)} | {_f(q.get('truthfulness'), 3)} | "
                            f"{_f(q.get('alignment'), 3)} | "
                            f"{_f(q.get('cohesion'), 3)} | {r.seconds_per_persona:.2f} | {probs or '-'} |")
