@@ -111,3 +111,24 @@ def test_pairs_and_sft_rows_follow_the_ranks():
     tied = {**GROUPS[0], "ranks": [1, 1, 1]}
     assert group_rows([tied]) == [] and pair_rows([tied]) == []
     assert sft_rows([{**GROUPS[0], "valid": [False, False, False]}]) == []
+
+
+def test_group_headroom_is_best_minus_a_random_valid_candidate_over_the_groups_used():
+    """The build reports how much a perfect policy could gain on its groups: the mean over used groups of the best
+    valid candidate's objective minus the mean valid candidate's. Invalid candidates and dropped groups do not
+    count."""
+    import polars as pl
+
+    from persona_tasks.train.groups import group_headroom
+
+    groups = pl.DataFrame({"group_id": ["a", "b", "c"], "dropped_reason": [None, None, "no_preference"]})
+    candidates = pl.DataFrame({
+        "group_id": ["a", "a", "a", "b", "b", "c", "c"],
+        "is_valid": [True, True, False, True, True, True, True],
+        "objective": [0.9, 0.7, 0.99, 0.6, 0.6, 0.1, 0.9]})
+    h = group_headroom(groups, candidates)
+    assert h["groups"] == 2
+    assert h["best"] == pytest.approx((0.9 + 0.6) / 2)
+    assert h["mean"] == pytest.approx((0.8 + 0.6) / 2)
+    assert h["best_minus_mean"] == pytest.approx(0.05)
+    assert group_headroom(groups.filter(pl.col("group_id") == "c"), candidates)["best_minus_mean"] is None

@@ -301,6 +301,21 @@ def groups_for_training(groups: pl.DataFrame, candidates: pl.DataFrame) -> list[
     return out
 
 
+def group_headroom(groups: pl.DataFrame, candidates: pl.DataFrame) -> dict[str, float | None]:
+    """How much preference training could gain on these groups: over the groups used, the mean objective of the
+    best valid candidate and of a valid candidate drawn at random, and their difference (``best_minus_mean``).
+    A policy that always wrote its group's best candidate would gain about that much over sampling; when it is
+    small, no loss can move the objective far (docs/training.md)."""
+    used = groups.filter(pl.col("dropped_reason").is_null()).select("group_id")
+    per = (candidates.join(used, on="group_id").filter(pl.col("is_valid") & pl.col("objective").is_not_null())
+           .group_by("group_id").agg(pl.col("objective").max().alias("best"), pl.col("objective").mean().alias("mean")))
+    if not per.height:
+        return {"groups": 0, "best": None, "mean": None, "best_minus_mean": None}
+    best, mean = float(per["best"].mean()), float(per["mean"].mean())
+    return {"groups": per.height, "best": round(best, 4), "mean": round(mean, 4),
+            "best_minus_mean": round(best - mean, 4)}
+
+
 def build_groups(settings: Settings, data: TrainingClusters, llm: Any, embedder: Any,
                  build_id: str | None = None) -> GroupBuild:
     """K candidates per training cluster from ``llm`` (an ``LLMLabeller``), validated, scored, ranked."""
@@ -365,6 +380,7 @@ def build_groups(settings: Settings, data: TrainingClusters, llm: Any, embedder:
     valid_share = float(candidates["is_valid"].mean()) if candidates.height else 0.0
     stats = {"clusters": len(idx), "groups": groups.height, "used": n_used, "dropped": dict(dropped),
              "candidates": candidates.height, "valid_share": round(valid_share, 4),
+             "headroom": group_headroom(groups, candidates),
              "heldout_clusters": len(held), "future_memories_removed": data.n_future_memories_removed,
              "sensitive_clusters_left_out": data.n_sensitive_clusters,
              "seconds": round(time.perf_counter() - t0, 2)}
