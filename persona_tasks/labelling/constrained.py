@@ -94,25 +94,26 @@ def persona_grammar(vocabulary: list[str], n_ids: int, cfg: LabellingSettings) -
     rest = sorted(set(other) - ARTICLES) or articles
     c_low, c_cap = _alternation(content), _alternation(_capitalised(content))
     r_low, r_cap = _alternation(rest), _alternation(_capitalised(rest))
+    a_low = _alternation(articles) if articles else None
     n_low, n_cap = _alternation(other), _alternation(_capitalised(other))
     run = max(0, cfg.function_run_max)
     k_min = max(1, min(cfg.claim_min_content_words, len(content)))
-    chunk = _chunk(r_low, _alternation(articles) if articles else None, c_low, run)
+    chunk = _chunk(r_low, a_low, c_low, run)
     if cfg.sentence_openers and run:
         # a closed opener ("Looks for", "Compares"), then the first chunk, which opens with an article right before
         # a content word, a content word, or one of the cluster's own stop words ("Looks for the jack", "Looks for
         # how to make ...", never "Looks for in the jack")
         own_stop = sorted(set(other) - set(function_words()))
-        art = f"(?:{_alternation(articles)} )?" if articles else ""
+        art = f"(?:{a_low} )?" if a_low else ""
         alts = [f"{art}{c_low}"]
         if own_stop:
             alts.append(f"{_alternation(own_stop)} "
-                        + _chunk(r_low, _alternation(articles) if articles else None, c_low, run - 1))
+                        + _chunk(r_low, a_low, c_low, run - 1))
         first = f"{_alternation(list(description_openers()))} (?:{'|'.join(alts)})"
     elif run:
         # capitalised first word: a content word, an article right before one, or another word opening a chunk
         cap_art = f"|{_alternation(_capitalised(articles))} {c_low}" if articles else ""
-        tail = _chunk(r_low, _alternation(articles) if articles else None, c_low, run - 1)
+        tail = _chunk(r_low, a_low, c_low, run - 1)
         first = f"(?:{r_cap} {tail}{cap_art}|{c_cap})"
     else:
         first = c_cap
