@@ -44,12 +44,55 @@ def base(tmp_path_factory):
 
 
 def _logps(model, tok, group):
-    from persona_tasks.train.trainer import DataCollatorForGroups, sequence_logps, tokenize_group
+    from persona_tasks.train.trainer import DataCollatorForGroups, group_logps, tokenize_group
 
     batch = DataCollatorForGroups(tok.pad_token_id)([{**tokenize_group(tok, group["prompt"], group["completions"]),
                                                       "ranks": group["ranks"]}])
     with torch.no_grad():
-        return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        return group_logps(model, batch)[0]
+
+
+def test_each_prompt_run_once_gives_the_full_rows_log_probs_and_gradients(base):
+    """The groupwise trainer runs a group's prompt once and reuses its keys and values for the K completions: the
+    summed log-probs and the LoRA gradients must be those of K full prompt+completion rows, also when max_length
+    cuts the completions."""
+    from peft import LoraConfig, get_peft_model
+
+    from persona_tasks.train.trainer import DataCollatorForGroups, group_logps, sequence_logps, tokenize_group
+
+    s, model, tok = base
+    examples = [{**tokenize_group(tok, g["prompt"], g["completions"]), "ranks": g["ranks"]} for g in GROUPS]
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    try:
+        for max_length in (None, 40):
+            batch = DataCollatorForGroups(tok.pad_token_id, max_length)(examples)
+            rows, cms = [], []
+            for e in examples:
+                for c in e["completion_ids"]:
+                    full = (list(e["prompt_ids"]) + list(c))[:max_length]
+                    rows.append(full)
+                    cms.append([0] * len(e["prompt_ids"]) + [1] * (len(full) - len(e["prompt_ids"])))
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), tok.pad_token_id)
+            att, cm = torch.zeros_like(ids), torch.zeros_like(ids)
+            for n, (r, m) in enumerate(zip(rows, cms)):
+                ids[n, : len(r)], att[n, : len(r)], cm[n, : len(m)] = torch.tensor(r), 1, torch.tensor(m)
+            lora = [p for n, p in peft.named_parameters() if p.requires_grad]
+            reference = sequence_logps(peft, ids, att, cm)
+            ref_grads = torch.autograd.grad(reference.sum(), lora)
+            shared = group_logps(peft, batch)
+            grads = torch.autograd.grad(shared.sum(), lora)
+            assert shared.shape == (2, 3)
+            assert torch.allclose(shared.flatten(), reference, atol=2e-3, rtol=1e-5)
+            if max_length is not None:  # the cut really shortened completions (the first prompt is 25 tokens)
+                assert int(batch["completion_attention"].sum()) < sum(len(c) for e in examples
+                                                                     for c in e["completion_ids"])
+            for a, b in zip(grads, ref_grads):  # float32 sums in another order: relative error ~1e-4
+                assert float((a - b).norm()) <= 1e-3 * float(b.norm()) and float(b.norm()) > 0
+    finally:
+        peft.unload()
+    assert not any("lora" in k for k in model.state_dict())
 
 
 def test_groupwise_run_learns_the_ranking_and_saves_the_adapter(base, tmp_path):

@@ -67,39 +67,45 @@ def tokenize_group(tokenizer: Any, prompt: str, completions: list[str]) -> dict[
 
 @dataclass
 class DataCollatorForGroups:
-    """Batches of groups: every candidate of every group is one row (prompt + completion, right-padded);
-    ``group_index`` / ``slot`` place row n at (group, candidate) of the (B, K) ``ranks`` / ``group_mask``."""
+    """Batches of groups, each prompt once (``group_logps_shared_prompt``): ``prompt_ids`` (B, P) right-padded with
+    ``prompt_length`` (B,); every candidate of every group is one row of ``completion_ids`` /
+    ``completion_attention`` (N, C), right-padded; ``group_index`` / ``slot`` place row n at (group, candidate) of
+    the (B, K) ``ranks`` / ``group_mask``. ``max_length`` cuts prompt + completion as one sequence (the
+    completion first)."""
 
     pad_token_id: int
     max_length: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows, cmasks, gidx, slots = [], [], [], []
+        prompts, comps, gidx, slots = [], [], [], []
         k_max = max(len(e["completion_ids"]) for e in examples)
         ranks = torch.zeros((len(examples), k_max), dtype=torch.long)
         gmask = torch.zeros((len(examples), k_max), dtype=torch.bool)
         for b, e in enumerate(examples):
+            prompt = list(e["prompt_ids"])[: self.max_length]
+            prompts.append(prompt)
+            room = None if self.max_length is None else self.max_length - len(prompt)
             for k, (comp, rank) in enumerate(zip(e["completion_ids"], e["ranks"])):
-                ids = list(e["prompt_ids"]) + list(comp)
-                cm = [0] * len(e["prompt_ids"]) + [1] * len(comp)
-                if self.max_length is not None:
-                    ids, cm = ids[: self.max_length], cm[: self.max_length]
-                rows.append(ids)
-                cmasks.append(cm)
+                comps.append(list(comp)[:room])
                 gidx.append(b)
                 slots.append(k)
                 ranks[b, k] = int(rank)
                 gmask[b, k] = True
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        completion = torch.zeros((len(rows), width), dtype=torch.long)
-        for n, (r, cm) in enumerate(zip(rows, cmasks)):
-            input_ids[n, : len(r)] = torch.tensor(r)
-            attention[n, : len(r)] = 1
-            completion[n, : len(cm)] = torch.tensor(cm)
-        return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion,
-                "group_index": torch.tensor(gidx), "slot": torch.tensor(slots), "ranks": ranks, "group_mask": gmask}
+
+        def padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            ids = torch.full((len(seqs), max(1, *(len(x) for x in seqs))), self.pad_token_id, dtype=torch.long)
+            att = torch.zeros_like(ids)
+            for n, x in enumerate(seqs):
+                if x:
+                    ids[n, : len(x)] = torch.tensor(x)
+                    att[n, : len(x)] = 1
+            return ids, att
+
+        prompt_ids, prompt_att = padded(prompts)
+        completion_ids, completion_att = padded(comps)
+        return {"prompt_ids": prompt_ids, "prompt_length": prompt_att.sum(dim=1), "completion_ids": completion_ids,
+                "completion_attention": completion_att, "group_index": torch.tensor(gidx),
+                "slot": torch.tensor(slots), "ranks": ranks, "group_mask": gmask}
 
 
 def sequence_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -115,6 +121,50 @@ def sequence_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     target = labels[:, 1:]
     tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (tok * (target != -100)).sum(dim=1)
+
+
+def group_logps_shared_prompt(model: Any, prompt_ids: torch.Tensor, completion_ids: torch.Tensor,
+                              completion_attention: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each of K completions of one prompt, the prompt run once: its keys and values
+    (with their gradient) are repeated for the K completions instead of recomputed K times.
+
+    ``prompt_ids``: (P,); ``completion_ids`` / ``completion_attention``: (K, C), right-padded. Equal to
+    ``sequence_logps`` on the K full rows (a test holds them together); cheaper because the prompt (the evidence,
+    hundreds of tokens) is much longer than a completion (a persona, tens)."""
+    k, width = completion_ids.shape
+    n_prompt = prompt_ids.shape[0]
+    first = model(input_ids=prompt_ids[None], use_cache=True, logits_to_keep=1)
+    cache = first.cache if getattr(first, "cache", None) is not None else first.past_key_values
+    cache.batch_repeat_interleave(k)
+    attention = torch.cat([completion_attention.new_ones((k, n_prompt)), completion_attention], dim=1)
+    positions = torch.arange(n_prompt, n_prompt + width, device=completion_ids.device)
+    rest = model(input_ids=completion_ids, attention_mask=attention, cache=cache, use_cache=True,
+                 position_ids=positions[None].expand(k, -1), cache_position=positions)
+    # token 0 of each completion is predicted by the prompt's last position, token t by completion position t-1
+    logits = torch.cat([first.logits[:, -1:].expand(k, -1, -1), rest.logits[:, :-1]], dim=1).float()
+    tok = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    return (tok * completion_attention).sum(dim=1)
+
+
+def group_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, K) summed completion log-probs of a ``DataCollatorForGroups`` batch (padding slots 0), one prompt pass
+    per group."""
+    gidx, slot = batch["group_index"], batch["slot"]
+    out = None
+    for b in range(batch["ranks"].shape[0]):
+        rows = (gidx == b).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            continue
+        prompt = batch["prompt_ids"][b, : int(batch["prompt_length"][b])]
+        att = batch["completion_attention"][rows]
+        width = max(1, int(att.sum(dim=1).max()))
+        lp = group_logps_shared_prompt(model, prompt, batch["completion_ids"][rows, :width], att[:, :width])
+        if out is None:
+            out = lp.new_zeros(batch["ranks"].shape)
+        out = out.index_put((gidx[rows], slot[rows]), lp)
+    if out is None:
+        raise TrainingError("a batch without completions")
+    return out
 
 
 class GroupDPOTrainer(DPOTrainer):
@@ -156,20 +206,16 @@ class GroupDPOTrainer(DPOTrainer):
 
     def _group_logps(self, model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(policy, reference) summed completion log-probs, shaped (B, K) (padding slots 0)."""
-        ids, att, cm = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
-        logps = sequence_logps(model, ids, att, cm)
+        policy = group_logps(model, inputs)
         with torch.no_grad():
             if self.ref_model is None:
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in getattr(unwrapped, "peft_config", {})
                                  else None):
-                    ref = sequence_logps(self.model, ids, att, cm)
+                    ref = group_logps(self.model, inputs)
             else:
-                ref = sequence_logps(self.ref_model, ids, att, cm)
-        shape = inputs["ranks"].shape
-        out_p = logps.new_zeros(shape).index_put((inputs["group_index"], inputs["slot"]), logps)
-        out_r = ref.new_zeros(shape).index_put((inputs["group_index"], inputs["slot"]), ref.detach())
-        return out_p, out_r
+                ref = group_logps(self.ref_model, inputs)
+        return policy, ref.detach()
 
     def _compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool) -> Any:
         mode = "train" if self.model.training else "eval"
