@@ -52,7 +52,8 @@ def settings_for(args):
         "threads": args.threads, "max_steps": args.steps, "max_clusters": args.clusters,
         "heldout_max_clusters": args.heldout, "num_candidates": args.k, "groups_per_batch": args.groups_per_batch,
         "holdout_fraction": args.holdout_fraction, "save_steps": 10_000,
-        **({"learning_rate": args.learning_rate} if args.learning_rate else {})})
+        **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
+        **({"beta": args.beta} if args.beta else {})})
     return s
 
 
@@ -69,7 +70,7 @@ def one_arm(args) -> dict:
     d = P.retrain_dir(s, args.as_of)
     build = read_build(d / "groups")
     groups = build.training_groups()
-    arm_dir = d / f"bench-{args.one_arm}"
+    arm_dir = d / f"bench-{args.one_arm}{'-' + args.tag if args.tag else ''}"
     reused = bool(args.reuse_adapters and (arm_dir / "train_result.json").exists())
     if reused:
         # score an adapter trained by an earlier run (e.g. under a new decoding grammar) without retraining it
@@ -109,7 +110,7 @@ def one_arm(args) -> dict:
 
         out["eval_labels"] = {}
         for f in sorted(Path(args.label_inputs).glob("*.json")):
-            dest = Path(args.labels_out) / f"labels_{args.one_arm}_{f.stem}.json"
+            dest = Path(args.labels_out) / f"labels_{args.one_arm}{'-' + args.tag if args.tag else ''}_{f.stem}.json"
             fresh = LLMLabeller(s, model=model, tokenizer=tok, model_version=version)  # stats of this file only
             st = label_inputs_file(f, dest, fresh, meta={"arm": args.one_arm, "inputs": f.name})
             out["eval_labels"][f.stem] = {"path": str(dest), "clusters": st.get("clusters"), "wall_s": st["wall_s"],
@@ -272,6 +273,13 @@ def main() -> None:
     ap.add_argument("--reuse-adapters", action="store_true",
                     help="score each arm's adapter from an earlier run of the same --as-of instead of training it")
     ap.add_argument("--learning-rate", type=float, default=None, help="override [training] learning_rate")
+    ap.add_argument("--beta", type=float, default=None, help="override [training] beta")
+    ap.add_argument("--tag", default=None, help="adapters go to <retrain dir>/bench-<arm>-<tag> (keeps other runs')")
+    ap.add_argument("--remeasure-current", action="store_true",
+                    help="measure the current labeller again on --heldout clusters (current.json) before the arms")
+    ap.add_argument("--heldout-skip", type=int, default=0,
+                    help="with --remeasure-current: pass over the first N held-out clusters (those settings were "
+                         "chosen on), so the arms are scored on fresh ones")
     ap.add_argument("--label-inputs", type=Path, default=None,
                     help="also label these exported evaluation inputs (persona-etl evaluate --export-llm-inputs DIR) "
                          "with each arm, for persona-etl evaluate --llm-labels")
@@ -321,9 +329,12 @@ def main() -> None:
         print("groups:", json.dumps(build), flush=True)
     elif args.as_of is None:
         raise SystemExit("--as-of is needed without --build")
+    if args.remeasure_current:
+        print("current:", json.dumps(P.measure_current_step(s, args.as_of, args.heldout_skip)), flush=True)
     current = json.loads((P.retrain_dir(s, args.as_of) / "current.json").read_text())
     results = {"as_of": args.as_of, "threads": args.threads, "steps": args.steps, "k": args.k,
-               "learning_rate": s.training.learning_rate,
+               "learning_rate": s.training.learning_rate, "beta": s.training.beta, "tag": args.tag,
+               "heldout_skip": args.heldout_skip if args.remeasure_current else None,
                "groups_per_batch": args.groups_per_batch, "build": build,
                "current": {k: current.get(k) for k in ("clusters", "model_version", "fallback_rate", "objective",
                                                        "truthfulness", "alignment", "cohesion", "seconds")},
@@ -336,6 +347,10 @@ def main() -> None:
                "--labels-out", str(args.labels_out)]
         if args.learning_rate:
             cmd += ["--learning-rate", str(args.learning_rate)]
+        if args.beta:
+            cmd += ["--beta", str(args.beta)]
+        if args.tag:
+            cmd += ["--tag", args.tag]
         if args.reuse_adapters:
             cmd += ["--reuse-adapters"]
         if args.label_inputs:

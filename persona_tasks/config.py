@@ -559,8 +559,8 @@ class TrainingSettings(BaseModel):
     arm: Literal["groupwise", "pairwise", "sft"] = "groupwise"
     # optimisation (LoRA on the attention and MLP projections; the reference is the base model, adapters disabled)
     beta: float = Field(default=0.1, gt=0)
-    # LoRA's usual rate: at 5e-5, 8 steps moved nothing measurable; at 2e-4, 40 steps of groupwise DPO on the
-    # bundled samples raised the held-out objective with a CI clear of zero (docs/training.md)
+    # LoRA's usual rate: at 5e-5, 8 steps moved nothing measurable; at 2e-4, 40 steps of groupwise DPO raised the
+    # held-out objective of an older, weaker labeller with a CI clear of zero, not today's (docs/training.md)
     learning_rate: float = 2e-4
     epochs: float = 1.0
     # None = epochs decide; a number caps the optimiser steps (short CPU runs, CI)

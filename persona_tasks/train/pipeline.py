@@ -158,12 +158,36 @@ def build_groups_step(settings: Settings, as_of: date | str) -> dict:
     model, tok, version = load_causal_lm(settings)  # the current labeller: promoted adapter merged, if any
     build = build_groups(settings, data, candidate_labeller(settings, model, tok, version), embedder)
     save_build(build, d / "groups")
-    held = data.subset("heldout", settings.training.heldout_max_clusters)
-    current = evaluate_labeller(settings, data, held, LLMLabeller(settings, model=model, tokenizer=tok,
-                                                                  model_version=version), embedder)
-    (d / "current.json").write_text(json.dumps(current, indent=1))
+    current = _measure_current(settings, d, data, LLMLabeller(settings, model=model, tokenizer=tok,
+                                                              model_version=version), embedder)
     return {"as_of": as_of.isoformat(), "build_id": build.build_id, **build.stats,
             "current_objective": current["objective"]}
+
+
+def _measure_current(settings: Settings, d: Path, data: Any, labeller: Any, embedder: Any, skip: int = 0) -> dict:
+    held = data.subset("heldout", skip + settings.training.heldout_max_clusters)[skip:]
+    current = evaluate_labeller(settings, data, held, labeller, embedder)
+    (d / "current.json").write_text(json.dumps(current, indent=1))
+    return current
+
+
+def measure_current_step(settings: Settings, as_of: date | str, skip: int = 0) -> dict:
+    """The current labeller's held-out metrics again (``current.json``), on ``[training] heldout_max_clusters``
+    clusters after the first ``skip`` of the held-out order, without rebuilding the groups: a larger sample for a
+    tighter interval, or a fresh one that no choice of settings has seen."""
+    from persona_tasks.embed import embedder_from_settings
+    from persona_tasks.labelling.llm import LLMLabeller
+    from persona_tasks.labelling.model import load_causal_lm
+
+    as_of = date.fromisoformat(str(as_of))
+    _threads(settings)
+    embedder = embedder_from_settings(settings)
+    data = _clusters(settings, as_of, embedder)
+    model, tok, version = load_causal_lm(settings)
+    current = _measure_current(settings, retrain_dir(settings, as_of), data,
+                               LLMLabeller(settings, model=model, tokenizer=tok, model_version=version), embedder,
+                               skip)
+    return {**_summary(current), "skipped": skip}
 
 
 def new_version(arm: str) -> str:
