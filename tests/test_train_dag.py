@@ -181,3 +181,29 @@ def test_training_clusters_exclude_evaluation_futures_and_mask_rare_words(deploy
     # near-duplicate measure
     assert max_jaccard_distance(["Boston trip\nEvidence: m1", "boston trip\nEvidence: m1"]) == 0.0
     assert max_jaccard_distance(["Boston trip", "Boston trip", "Espresso gear"]) == 1.0
+
+
+def test_the_current_labeller_measured_again_on_fresh_held_out_clusters(deployment, tmp_path):
+    """``measure_current_step`` (bench_training --remeasure-current --heldout-skip): the current labeller on the
+    held-out clusters after the first ``skip`` of the held-out order, none of them a training user's."""
+    from persona_tasks.train import pipeline as P
+    from persona_tasks.train.groups import load_training_clusters
+    from persona_tasks.warehouse import connect_read_only
+
+    _, s, run_date = deployment
+    s = s.model_copy(update={
+        "threads": 1, "orchestration": s.orchestration.model_copy(update={"work_dir": tmp_path}),
+        "labelling": s.labelling.model_copy(update={"device": "cpu", "max_new_tokens": 48}),
+        "training": s.training.model_copy(update={"holdout_fraction": 0.5, "heldout_max_clusters": 2})})
+    P.snapshot(s, run_date)
+    out = P.measure_current_step(s, run_date, skip=2)
+    current = json.loads((P.retrain_dir(s, run_date) / "current.json").read_text())
+    with connect_read_only(s) as con:
+        data = load_training_clusters(s, con, run_date)
+    order = data.subset("heldout", 4)
+    keys = [[data.clusters[i].user_id, int(data.clusters[i].cluster_id)] for i in order]
+    assert len(order) == 4 and current["keys"] == keys[2:]
+    assert not [k for k in current["keys"] if k in keys[:2]]
+    assert all(data.split[i] == "heldout" for i in order)
+    assert out["clusters"] == 2 and out["skipped"] == 2 and 0.0 <= out["fallback_rate"] <= 1.0
+    assert len(current["per_cluster_objective"]) == 2 and out["objective"] is not None
