@@ -11,6 +11,11 @@ Steps (each arm in its own process, so that peak RSS is the arm's own):
 Usage: python bench/bench_training.py --warehouse W [--build] [--arms base,pairwise,groupwise,sft] [--steps 8]
        [--threads 1] [--out bench/results/training_arms_cpu.json]
 
+Settings chosen on the held-out clusters are then scored on fresh ones: ``--remeasure-current --heldout-skip 100
+--heldout 300`` measures the current labeller again on the 300 held-out clusters after the first 100 (those the
+settings were chosen on), and every arm of the run is scored on those. ``--tag T`` keeps a run's adapters apart
+(``bench-<arm>-T``); ``--learning-rate`` / ``--beta`` override ``[training]``.
+
 With a GPU machine (no warehouse there), in two GPU runs of ``bench/gpu_session.py``:
 1. ``--export-gpu DIR``: the training clusters (``DIR/candidates/train.json``) and the held-out clusters
    (``DIR/label/heldout.json``) as the labeller sees them. The first GPU run samples K candidates per training
