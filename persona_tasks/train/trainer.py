@@ -139,7 +139,7 @@ def group_logps_shared_prompt(model: Any, prompt_ids: torch.Tensor, completion_i
     attention = torch.cat([completion_attention.new_ones((k, n_prompt)), completion_attention], dim=1)
     positions = torch.arange(n_prompt, n_prompt + width, device=completion_ids.device)
     rest = model(input_ids=completion_ids, attention_mask=attention, cache=cache, use_cache=True,
-                 position_ids=positions[None].expand(k, -1), cache_position=positions)
+                 position_ids=positions[None].expand(k, -1))
     # token 0 of each completion is predicted by the prompt's last position, token t by completion position t-1
     logits = torch.cat([first.logits[:, -1:].expand(k, -1, -1), rest.logits[:, :-1]], dim=1).float()
     tok = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
