@@ -75,7 +75,8 @@ def one_arm(args) -> dict:
     d = P.retrain_dir(s, args.as_of)
     build = read_build(d / "groups")
     groups = build.training_groups()
-    arm_dir = d / f"bench-{args.one_arm}{'-' + args.tag if args.tag else ''}"
+    name = f"{args.one_arm}-{args.tag}" if args.tag else args.one_arm  # adapters and labels of a tagged run
+    arm_dir = d / f"bench-{name}"
     reused = bool(args.reuse_adapters and (arm_dir / "train_result.json").exists())
     if reused:
         # score an adapter trained by an earlier run (e.g. under a new decoding grammar) without retraining it
@@ -115,7 +116,7 @@ def one_arm(args) -> dict:
 
         out["eval_labels"] = {}
         for f in sorted(Path(args.label_inputs).glob("*.json")):
-            dest = Path(args.labels_out) / f"labels_{args.one_arm}{'-' + args.tag if args.tag else ''}_{f.stem}.json"
+            dest = Path(args.labels_out) / f"labels_{name}_{f.stem}.json"
             fresh = LLMLabeller(s, model=model, tokenizer=tok, model_version=version)  # stats of this file only
             st = label_inputs_file(f, dest, fresh, meta={"arm": args.one_arm, "inputs": f.name})
             out["eval_labels"][f.stem] = {"path": str(dest), "clusters": st.get("clusters"), "wall_s": st["wall_s"],
