@@ -1,11 +1,12 @@
 """Training arms on preference groups: groupwise DPO (ours), pairwise DPO and SFT (trl's), all LoRA with peft.
 
 ``GroupDPOTrainer`` extends trl's ``DPOTrainer`` the way trl's trainers extend transformers' ``Trainer``: it
-overrides the data (a group of K completions per prompt instead of a chosen/rejected pair: ``_prepare_dataset``,
-the collator, log-probabilities with each prompt run once: ``group_logps``) and the loss (``_compute_loss``: the Plackett-Luce loss of ``persona_tasks.train.loss``), and keeps
-the rest: the LoRA wrapping from ``peft_config``, the reference (the base model with adapters disabled, trl's
-``use_adapter``), dropout disabled, checkpoints, and the metric logging (``rewards/margins``, ``rewards/accuracies`` = ranking accuracy over
-the strictly ordered pairs, ``rewards/chosen`` / ``rewards/rejected`` = mean reward of the best block / the rest).
+overrides the data (a group of K completions per prompt instead of a chosen/rejected pair: ``_prepare_dataset``, the
+collator, log-probabilities with each prompt run once: ``group_logps``) and the loss (``_compute_loss``: the
+Plackett-Luce loss of ``persona_tasks.train.loss``), and keeps the rest: the LoRA wrapping from ``peft_config``, the
+reference (the base model with adapters disabled, trl's ``use_adapter``), dropout disabled, checkpoints, and the
+metric logging (``rewards/margins``, ``rewards/accuracies`` = ranking accuracy over the strictly ordered pairs,
+``rewards/chosen`` / ``rewards/rejected`` = mean reward of the best block / the rest).
 
 Arms (``train_arm``): ``groupwise``; ``pairwise`` (trl ``DPOTrainer``, sigmoid loss, the best candidate against each
 strictly worse one); ``sft`` (trl ``SFTTrainer``, completion-only loss on each group's best valid candidate);
