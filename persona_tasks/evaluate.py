@@ -1042,7 +1042,8 @@ TRAINED_MAX_FALLBACK = 0.05
 
 def _training_arms_lines(files: list[dict]) -> list[str]:
     """One row per results file and arm of bench/bench_training.py: training cost, held-out quality against the
-    untrained labeller (paired over the same clusters: the run's base arm, else the snapshot's labels), and the
+    untrained labeller (paired over the same clusters: the run's base arm, else the current labeller measured with
+    the groups), and the
     evaluation's Hit@10 where the arm labelled the evaluation's LLM sample."""
     rows = ["| file | arm | optimiser steps x groups | learning rate | train s (s per step) | peak RSS GB | "
             "held-out clusters | fallback | objective | truthfulness | alignment | objective vs untrained (95% CI) | "
@@ -1054,7 +1055,7 @@ def _training_arms_lines(files: list[dict]) -> list[str]:
             if not h:
                 continue
             # against the run's own base arm when it has one (the untrained model under the same decoding), else
-            # against the snapshot's published labels
+            # against the current labeller's labels of the same clusters (current.json)
             v = r.get("heldout_vs_base") or r.get("heldout_vs_current") or {}
             ci = v.get("ci") or [None, None]
             vs = (f"{v['mean']:+.4f} ({ci[0]:+.4f} .. {ci[1]:+.4f})" if v.get("mean") is not None else "-")
@@ -1311,7 +1312,7 @@ def render_results(results: dict) -> str:
               "adapters. Each arm labels the same held-out clusters (users never trained on); \"objective vs "
               "untrained\" is the paired mean difference over those clusters against the untrained labeller's labels "
               "(bootstrap 95% CI): the same file's base arm, decoded as the arm is, where the file has one; otherwise "
-              "(and on the base row) the labels published in the training snapshot. \"Adapter trained earlier\": an "
+              "(and on the base row) the current labeller's labels of the same clusters, measured when the groups were built or again on fresh held-out clusters (`--remeasure-current`). \"Adapter trained earlier\": an "
               "adapter of an earlier file's run, scored again under the decoding of this one. Where an arm also "
               "labelled this evaluation's LLM sample, its multi-persona Hit@10 is given next to the extractive labels' on the same users. Targets of a promoted labeller (issue 13): "
               f"fallback at most {TRAINED_MAX_FALLBACK:.2f}, objective above the untrained labeller's with the CI "
