@@ -1043,8 +1043,7 @@ TRAINED_MAX_FALLBACK = 0.05
 def _training_arms_lines(files: list[dict]) -> list[str]:
     """One row per results file and arm of bench/bench_training.py: training cost, held-out quality against the
     untrained labeller (paired over the same clusters: the run's base arm, else the current labeller measured with
-    the groups), and the
-    evaluation's Hit@10 where the arm labelled the evaluation's LLM sample."""
+    the groups), and the evaluation's Hit@10 where the arm labelled the evaluation's LLM sample."""
     rows = ["| file | arm | optimiser steps x groups | learning rate | train s (s per step) | peak RSS GB | "
             "held-out clusters | fallback | objective | truthfulness | alignment | objective vs untrained (95% CI) | "
             "Hit@10 arm / extractive (users) | targets met |",
