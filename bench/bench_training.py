@@ -242,8 +242,9 @@ def replay(args) -> dict:
 
 def attach_eval(args) -> dict:
     """Attach each arm's evaluation (``persona-etl evaluate --llm-labels`` of the labels ``--label-inputs`` wrote) to
-    the arms results file ``--out``: per dataset the LLM sample's users, fallback, objective, truthfulness and
-    multi-persona Hit@10 against the extractive labels' on the same users (``evaluate.llm_sample_summary``)."""
+    the arms results file ``--out``, under the evaluation file's name: per dataset the LLM sample's users, fallback,
+    objective, truthfulness and multi-persona Hit@10 against the extractive labels' on the same users
+    (``evaluate.llm_sample_summary``). An arm may have several (say 20 users, then 200 with the same adapter)."""
     from persona_tasks.evaluate import llm_sample_summary
 
     results = json.loads(args.out.read_text())
@@ -252,9 +253,13 @@ def attach_eval(args) -> dict:
         if arm not in results["arms"] or not path:
             raise SystemExit(f"--attach-eval {spec!r}: use ARM=EVALUATE_JSON with an arm of {args.out}")
         ev = json.loads(Path(path).read_text())
-        results["arms"][arm]["eval"] = llm_sample_summary(ev)
-        results["arms"][arm]["eval_file"] = Path(path).name
-        for name, m in results["arms"][arm]["eval"].items():
+        r = results["arms"][arm]
+        evals = r.setdefault("evals", {})
+        if "eval" in r:  # a file attached before evaluations were kept per file
+            evals.setdefault(r.pop("eval_file", "earlier evaluation"), r.pop("eval"))
+        # kept per evaluation file: a 200-user evaluation joins the arm's 20-user one instead of replacing it
+        evals[Path(path).name] = summary = llm_sample_summary(ev)
+        for name, m in summary.items():
             print(f"{arm:9s} {name}: {m['users']} users, fallback {m['fallback_rate']:.3f}, Hit@10 "
                   f"{100 * m['hit@10']:.2f} vs extractive {100 * m['hit@10_extractive']:.2f}", flush=True)
     args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")

@@ -1040,6 +1040,14 @@ def _diff_ci(m: dict) -> str:
 TRAINED_MAX_FALLBACK = 0.05
 
 
+def _arm_evaluations(arm: dict) -> list[dict]:
+    """An arm's attached evaluations (``bench_training.py --attach-eval``), each {dataset: llm_sample_summary}:
+    ``evals`` per evaluation file, or the one ``eval`` of files written before evaluations were kept per file."""
+    if arm.get("evals"):
+        return list(arm["evals"].values())
+    return [arm["eval"]] if arm.get("eval") else []
+
+
 def _training_arms_lines(files: list[dict]) -> list[str]:
     """One row per results file and arm of bench/bench_training.py: training cost, held-out quality against the
     untrained labeller (paired over the same clusters: the run's base arm, else the current labeller measured with
@@ -1058,9 +1066,13 @@ def _training_arms_lines(files: list[dict]) -> list[str]:
             v = r.get("heldout_vs_base") or r.get("heldout_vs_current") or {}
             ci = v.get("ci") or [None, None]
             vs = (f"{v['mean']:+.4f} ({ci[0]:+.4f} .. {ci[1]:+.4f})" if v.get("mean") is not None else "-")
-            ev = r.get("eval") or {}
+            evals = _arm_evaluations(r)
             hits = "; ".join(f"{name} {_pct(e['hit@10'])} / {_pct(e['hit@10_extractive'])} ({e['users']} users, "
-                             f"{_diff_ci(e)})" for name, e in ev.items()) or "-"
+                             f"{_diff_ci(e)})" for ev in evals for name, e in ev.items()) or "-"
+            # per dataset, the evaluation on the most users decides the Hit@10 target
+            ev = {}
+            for e in evals:
+                ev.update({name: m for name, m in e.items() if m["users"] >= ev.get(name, {"users": -1})["users"]})
             if arm == "base":
                 verdict = "- (untrained)"
             else:

@@ -171,7 +171,15 @@ def test_render_reports_the_training_arms_against_the_promotion_targets():
                          "peak_rss_mb_after_train": 10240, "adapter_reused": True,
                          "heldout": {**held, "objective": 0.72}, "heldout_vs_current": {"mean": 0.03, "ci": [0.02, 0.04]},
                          "heldout_vs_base": {"mean": 0.004, "ci": [-0.002, 0.01]},
-                         "eval": {"aol": {**ev["aol"], "hit@10": 0.53}}}}
+                         "eval": {"aol": {**ev["aol"], "hit@10": 0.53}}},
+            # evaluated twice (bench_training --attach-eval per file): the larger sample decides the Hit@10 target
+            "sft200": {"steps": 40, "train_seconds": 200, "seconds_per_step": 5.0, "peak_rss_mb": 3700,
+                       "heldout": {**held, "objective": 0.73}, "heldout_vs_current": {"mean": 0.02, "ci": [0.01, 0.03]},
+                       "evals": {"E_20.json": ev, "E_200.json": {"aol": {**ev["aol"], "users": 200, "hit@10": 0.53}}}},
+            "sft20": {"steps": 40, "train_seconds": 200, "seconds_per_step": 5.0, "peak_rss_mb": 3700,
+                      "heldout": {**held, "objective": 0.73}, "heldout_vs_current": {"mean": 0.02, "ci": [0.01, 0.03]},
+                      "evals": {"E_20.json": {"aol": {**ev["aol"], "hit@10": 0.53}},
+                                "E_200.json": {"aol": {**ev["aol"], "users": 200}}}}}
     text = render_results({"protocol": {"future_fraction": 0.2, "min_memories": 5, "n_negatives": 3, "seed": 0,
                                         "llm_max_users": 0, "session_gap_minutes": 30, "movielens_min_rating": 4.0,
                                         "clustering_strategy": "hdbscan_direct"},
@@ -187,6 +195,8 @@ def test_render_reports_the_training_arms_against_the_promotion_targets():
     pairwise = rows["pairwise (adapter trained earlier)"]
     assert "| 1300 (32.5) | 10.0 |" in pairwise and "+0.0040 (-0.0020 .. +0.0100)" in pairwise
     assert pairwise.endswith("| not objective |")
+    assert "| aol 50.00 / 52.00 (20 users, -); aol 53.00 / 52.00 (200 users, -) | all |" in rows["sft200"]
+    assert rows["sft20"].endswith("| not Hit@10 |")
 
 
 # --- end to end -------------------------------------------------------------------------------------------------
