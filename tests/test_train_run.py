@@ -130,16 +130,17 @@ def test_groupwise_run_learns_the_ranking_and_saves_the_adapter(base, tmp_path):
         assert (a[best] - b[best]) - (a[worst] - b[worst]) > 0
 
 
-@pytest.mark.parametrize("arm", ["pairwise", "sft"])
+@pytest.mark.parametrize("arm", ["pairwise", "pairwise_shared", "sft"])
 def test_trl_arms_train_on_the_same_groups(base, tmp_path, arm):
-    from persona_tasks.train.trainer import TrainResult, pair_rows, sft_rows, train_arm
+    from persona_tasks.train.trainer import TrainResult, group_rows, pair_rows, sft_rows, train_arm
 
     s, model, tok = base
     s.training = s.training.model_copy(update={"max_steps": 2})
     res = train_arm(s, arm, GROUPS, tmp_path / arm, model=model, tokenizer=tok)
     assert res.steps == 2 and (tmp_path / arm / "adapter" / "adapter_config.json").is_file()
     assert TrainResult.read(tmp_path / arm) == res  # the record an adapter is scored again from (bench_training)
-    assert res.n_examples == (len(pair_rows(GROUPS)) if arm == "pairwise" else len(sft_rows(GROUPS)))
+    rows = {"pairwise": pair_rows, "pairwise_shared": group_rows, "sft": sft_rows}[arm]
+    assert res.n_examples == len(rows(GROUPS))
     assert [h for h in res.log_history if "loss" in h]
     assert not any("lora" in k for k in model.state_dict())
 

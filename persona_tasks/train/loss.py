@@ -20,6 +20,10 @@ normalised likelihood (every member of a block is scored as if it came first in 
 behaviour: the data says "these are better than those", nothing more.
 
 Padding: groups of different sizes share a batch; ``mask`` marks real candidates (padded ones take no part).
+
+``best_vs_rest_dpo_loss`` is the pairwise arm's loss on the same batches: trl's sigmoid DPO loss over the pairs
+trl's DPOTrainer arm trains on (each best-ranked candidate against each strictly worse one), averaged over pairs,
+so that pairwise and groupwise DPO can be compared at the same cost (each prompt run once).
 """
 
 from __future__ import annotations
@@ -87,6 +91,33 @@ def groupwise_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, rank
         other_mean = (rd * others).sum(-1) / others.sum(-1).clamp(min=1)
         margin = (best_mean - other_mean)[group_has_pair].mean() if n_groups else torch.tensor(float("nan"))
     return GroupLoss(loss=loss, rewards=rd, margin=margin, ranking_accuracy=accuracy, n_pairs=n_pairs)
+
+
+def best_vs_rest_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: torch.Tensor, beta: float,
+                          mask: torch.Tensor | None = None) -> GroupLoss:
+    """Pairwise DPO (trl's ``sigmoid`` loss, -log sigmoid(r_chosen - r_rejected)) of a batch of groups, over every
+    pair (i, j) with i in its group's best block and j strictly worse: the pairs of ``trainer.pair_rows``. The mean
+    is over pairs, as trl averages over the pairs of its batch; ``margin`` and ``ranking_accuracy`` are trl's
+    ``rewards/margins`` and ``rewards/accuracies`` of those pairs. Shapes as ``groupwise_dpo_loss``."""
+    if policy_logps.shape != ref_logps.shape or policy_logps.shape != ranks.shape or policy_logps.dim() != 2:
+        raise ValueError(f"policy_logps {tuple(policy_logps.shape)}, ref_logps {tuple(ref_logps.shape)} and ranks "
+                         f"{tuple(ranks.shape)} must be the same (groups, candidates) shape")
+    if mask is None:
+        mask = torch.ones_like(ranks, dtype=torch.bool)
+    mask = mask.to(torch.bool)
+    r = implicit_rewards(policy_logps, ref_logps, beta)
+    rk = ranks.to(r.device)
+    best = mask & (rk == torch.where(mask, rk, torch.full_like(rk, torch.iinfo(rk.dtype).max)).min(
+        dim=-1, keepdim=True).values)
+    pairs = best[:, :, None] & (rk[:, None, :] > rk[:, :, None]) & mask[:, None, :]
+    diff = r[:, :, None] - r[:, None, :]
+    n_pairs = int(pairs.sum())
+    loss = -torch.nn.functional.logsigmoid(diff[pairs]).mean() if n_pairs else (r * 0.0).sum()
+    with torch.no_grad():
+        d = diff.detach()[pairs]
+        margin = d.mean() if n_pairs else torch.tensor(float("nan"))
+        accuracy = (d > 0).float().mean() if n_pairs else torch.tensor(float("nan"))
+    return GroupLoss(loss=loss, rewards=r.detach(), margin=margin, ranking_accuracy=accuracy, n_pairs=n_pairs)
 
 
 def ranks_from_scores(scores: list[float | None], valid: list[bool], tie_tolerance: float = 0.0) -> list[int]:

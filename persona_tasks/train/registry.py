@@ -42,7 +42,7 @@ REGISTRY_DDL = """
 CREATE SCHEMA IF NOT EXISTS training;
 CREATE TABLE IF NOT EXISTS training.model_registry (
     version         VARCHAR   NOT NULL,   -- dpo-<arm>-<UTC timestamp>-<hash>
-    arm             VARCHAR   NOT NULL,   -- groupwise | pairwise | sft
+    arm             VARCHAR   NOT NULL,   -- config.TRAINED_ARMS
     base_model      VARCHAR   NOT NULL,   -- model_version of the base model the adapter was trained on
     labeller_version VARCHAR,             -- model_version of the labeller that generated the groups
     build_id        VARCHAR,              -- training.preference_groups build the adapter was trained on

@@ -9,7 +9,8 @@ metric logging (``rewards/margins``, ``rewards/accuracies`` = ranking accuracy o
 ``rewards/chosen`` / ``rewards/rejected`` = mean reward of the best block / the rest).
 
 Arms (``train_arm``): ``groupwise``; ``pairwise`` (trl ``DPOTrainer``, sigmoid loss, the best candidate against each
-strictly worse one); ``sft`` (trl ``SFTTrainer``, completion-only loss on each group's best valid candidate);
+strictly worse one); ``pairwise_shared`` (``BestVsRestDPOTrainer``: trl's sigmoid loss on the same pairs, each
+prompt run once as in ``groupwise``: the pairwise loss at the groupwise arm's cost); ``sft`` (trl ``SFTTrainer``, completion-only loss on each group's best valid candidate);
 ``base`` (no training). Device: CUDA with bf16 when present (``[training] device``), else CPU fp32 with the thread
 count of ``[training] threads``.
 """
@@ -29,14 +30,14 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trl.trainer.utils import use_adapter
 
-from persona_tasks.config import Settings
+from persona_tasks.config import TRAINED_ARMS, Settings
 from persona_tasks.errors import PersonaEtlError
 from persona_tasks.progress import set_threads
-from persona_tasks.train.loss import groupwise_dpo_loss
+from persona_tasks.train.loss import best_vs_rest_dpo_loss, groupwise_dpo_loss
 
 log = logging.getLogger(__name__)
 
-ARMS = ("base", "pairwise", "groupwise", "sft")
+ARMS = ("base", *TRAINED_ARMS)
 
 
 class TrainingError(PersonaEtlError):
@@ -176,6 +177,7 @@ class GroupDPOTrainer(DPOTrainer):
 
     _tag_names = ["trl", "dpo", "groupwise", "persona-etl"]
     _name = "GroupDPO"
+    group_loss = staticmethod(groupwise_dpo_loss)  # (policy, ref, ranks, beta, mask) -> loss.GroupLoss
 
     def __init__(self, *args: Any, **kwargs: Any):
         a = kwargs.get("args")
@@ -220,7 +222,7 @@ class GroupDPOTrainer(DPOTrainer):
     def _compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool) -> Any:
         mode = "train" if self.model.training else "eval"
         policy, ref = self._group_logps(model, inputs)
-        res = groupwise_dpo_loss(policy, ref, inputs["ranks"], self.beta, inputs["group_mask"])
+        res = self.group_loss(policy, ref, inputs["ranks"], self.beta, inputs["group_mask"])
         m = self._metrics[mode]
         if res.n_pairs:
             m["rewards/margins"].append(float(res.margin))
@@ -236,6 +238,16 @@ class GroupDPOTrainer(DPOTrainer):
         if return_outputs:
             return res.loss, {"rewards": res.rewards}
         return res.loss
+
+
+class BestVsRestDPOTrainer(GroupDPOTrainer):
+    """Pairwise DPO at the groupwise trainer's cost: trl's sigmoid loss over each group's best-vs-worse pairs (those
+    of ``pair_rows``, which trl's DPOTrainer arm trains on), with each group's prompt run once for all its
+    candidates (``loss.best_vs_rest_dpo_loss``). Compares the two losses rather than the two implementations."""
+
+    _tag_names = ["trl", "dpo", "pairwise", "persona-etl"]
+    _name = "BestVsRestDPO"
+    group_loss = staticmethod(best_vs_rest_dpo_loss)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -357,12 +369,13 @@ def train_arm(settings: Settings, arm: str, groups: list[dict], output_dir: Path
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     k = max((len(g["completions"]) for g in groups), default=2)
-    if arm == "groupwise":
+    if arm in ("groupwise", "pairwise_shared"):
         rows = group_rows(groups)
         args = DPOConfig(**_common_args(settings, output_dir / "checkpoints", device, t.groups_per_batch),
                          beta=t.beta, precompute_ref_log_probs=False)
-        make = lambda ds: GroupDPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,  # noqa: E731
-                                          peft_config=lora_config(settings))
+        cls = GroupDPOTrainer if arm == "groupwise" else BestVsRestDPOTrainer
+        make = lambda ds: cls(model=model, args=args, train_dataset=ds, processing_class=tokenizer,  # noqa: E731
+                              peft_config=lora_config(settings))
     elif arm == "pairwise":
         rows = pair_rows(groups)
         # the same sequences per step as the groupwise arm: groups_per_batch * K sequences = that many / 2 pairs
