@@ -298,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="retrain the LLM labeller on preference groups (docs/training.md)",
                        description="Build preference groups (K sampled candidates per cluster of the published runs "
                        "of the training window, validated, scored, ranked; stored in training.preference_groups), "
-                       "train a LoRA adapter ([training] arm: groupwise DPO, pairwise DPO (trl's trainer or ours) or SFT), measure it and the "
-                       "current labeller on held-out clusters, register it in training.model_registry and promote it "
+                       "train a LoRA adapter ([training] arm: groupwise DPO, pairwise DPO (trl's trainer or ours) "
+                       "or SFT), measure it and the current labeller on held-out clusters, register it in training.model_registry and promote it "
                        "when it passes the gate (objective gain, truthfulness, fallback rate).")
     p.add_argument("--arm", choices=TRAINED_ARMS, default=None,
                    help="training arm (default [training] arm)")

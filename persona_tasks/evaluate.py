@@ -1319,7 +1319,8 @@ def render_results(results: dict) -> str:
         L += ["## The retrained labeller: training arms", "",
               "Arms of `bench/bench_training.py` on the same preference groups (docs/training.md): the untrained "
               "model (base), SFT on each group's best valid candidate (trl's SFTTrainer), pairwise DPO (trl's "
-              "DPOTrainer, best against each other candidate) and groupwise DPO (ours, Plackett-Luce); LoRA "
+              "DPOTrainer, best against each other candidate), pairwise_shared (the same pairs and loss on our "
+              "trainer, each prompt run once) and groupwise DPO (ours, Plackett-Luce); LoRA "
               "adapters. Each arm labels the same held-out clusters (users never trained on); \"objective vs "
               "untrained\" is the paired mean difference over those clusters against the untrained labeller's labels "
               "(bootstrap 95% CI): the same file's base arm, decoded as the arm is, where the file has one; otherwise "

@@ -49,6 +49,24 @@ def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: 
     return beta * (policy_logps - ref_logps)
 
 
+def _checked_mask(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+    """The (groups, candidates) mask of a batch, after checking that its tensors agree in shape."""
+    if policy_logps.shape != ref_logps.shape or policy_logps.shape != ranks.shape or policy_logps.dim() != 2:
+        raise ValueError(f"policy_logps {tuple(policy_logps.shape)}, ref_logps {tuple(ref_logps.shape)} and ranks "
+                         f"{tuple(ranks.shape)} must be the same (groups, candidates) shape")
+    if mask is None:
+        mask = torch.ones_like(ranks, dtype=torch.bool)
+    mask = mask.to(torch.bool)
+    return mask
+
+
+def best_block(ranks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool: the real candidates of each group's best rank (its best block)."""
+    lowest = torch.where(mask, ranks, torch.full_like(ranks, torch.iinfo(ranks.dtype).max)).min(dim=-1, keepdim=True)
+    return mask & (ranks == lowest.values)
+
+
 def groupwise_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: torch.Tensor, beta: float,
                        mask: torch.Tensor | None = None) -> GroupLoss:
     """Plackett-Luce DPO loss of a batch of groups.
@@ -56,12 +74,7 @@ def groupwise_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, rank
     ``policy_logps`` / ``ref_logps``: (B, K) summed completion log-probabilities under the policy and the
     reference; ``ranks``: (B, K) integers, 0 = best, equal values = tied; ``mask``: (B, K) bool, False for padding.
     """
-    if policy_logps.shape != ref_logps.shape or policy_logps.shape != ranks.shape or policy_logps.dim() != 2:
-        raise ValueError(f"policy_logps {tuple(policy_logps.shape)}, ref_logps {tuple(ref_logps.shape)} and ranks "
-                         f"{tuple(ranks.shape)} must be the same (groups, candidates) shape")
-    if mask is None:
-        mask = torch.ones_like(ranks, dtype=torch.bool)
-    mask = mask.to(torch.bool)
+    mask = _checked_mask(policy_logps, ref_logps, ranks, mask)
     r = implicit_rewards(policy_logps, ref_logps, beta)
     rk = ranks.to(r.device)
     # worse[b, i, j]: j is a real candidate strictly worse than i
@@ -84,8 +97,7 @@ def groupwise_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, rank
         n_pairs = int(worse.sum())
         correct = (worse & (rd[:, :, None] > rd[:, None, :])).sum()
         accuracy = correct.float() / n_pairs if n_pairs else torch.tensor(float("nan"))
-        best = mask & (rk == torch.where(mask, rk, torch.full_like(rk, torch.iinfo(rk.dtype).max)).min(
-            dim=-1, keepdim=True).values)
+        best = best_block(rk, mask)
         others = mask & ~best
         best_mean = (rd * best).sum(-1) / best.sum(-1).clamp(min=1)
         other_mean = (rd * others).sum(-1) / others.sum(-1).clamp(min=1)
@@ -99,16 +111,10 @@ def best_vs_rest_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, r
     pair (i, j) with i in its group's best block and j strictly worse: the pairs of ``trainer.pair_rows``. The mean
     is over pairs, as trl averages over the pairs of its batch; ``margin`` and ``ranking_accuracy`` are trl's
     ``rewards/margins`` and ``rewards/accuracies`` of those pairs. Shapes as ``groupwise_dpo_loss``."""
-    if policy_logps.shape != ref_logps.shape or policy_logps.shape != ranks.shape or policy_logps.dim() != 2:
-        raise ValueError(f"policy_logps {tuple(policy_logps.shape)}, ref_logps {tuple(ref_logps.shape)} and ranks "
-                         f"{tuple(ranks.shape)} must be the same (groups, candidates) shape")
-    if mask is None:
-        mask = torch.ones_like(ranks, dtype=torch.bool)
-    mask = mask.to(torch.bool)
+    mask = _checked_mask(policy_logps, ref_logps, ranks, mask)
     r = implicit_rewards(policy_logps, ref_logps, beta)
     rk = ranks.to(r.device)
-    best = mask & (rk == torch.where(mask, rk, torch.full_like(rk, torch.iinfo(rk.dtype).max)).min(
-        dim=-1, keepdim=True).values)
+    best = best_block(rk, mask)
     pairs = best[:, :, None] & (rk[:, None, :] > rk[:, :, None]) & mask[:, None, :]
     diff = r[:, :, None] - r[:, None, :]
     n_pairs = int(pairs.sum())

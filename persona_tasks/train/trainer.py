@@ -10,8 +10,8 @@ metric logging (``rewards/margins``, ``rewards/accuracies`` = ranking accuracy o
 
 Arms (``train_arm``): ``groupwise``; ``pairwise`` (trl ``DPOTrainer``, sigmoid loss, the best candidate against each
 strictly worse one); ``pairwise_shared`` (``BestVsRestDPOTrainer``: trl's sigmoid loss on the same pairs, each
-prompt run once as in ``groupwise``: the pairwise loss at the groupwise arm's cost); ``sft`` (trl ``SFTTrainer``, completion-only loss on each group's best valid candidate);
-``base`` (no training). Device: CUDA with bf16 when present (``[training] device``), else CPU fp32 with the thread
+prompt run once as in ``groupwise``: the pairwise loss at the groupwise arm's cost); ``sft`` (trl ``SFTTrainer``,
+completion-only loss on each group's best valid candidate); ``base`` (no training). Device: CUDA with bf16 when present (``[training] device``), else CPU fp32 with the thread
 count of ``[training] threads``.
 """
 
@@ -33,7 +33,7 @@ from trl.trainer.utils import use_adapter
 from persona_tasks.config import TRAINED_ARMS, Settings
 from persona_tasks.errors import PersonaEtlError
 from persona_tasks.progress import set_threads
-from persona_tasks.train.loss import best_vs_rest_dpo_loss, groupwise_dpo_loss
+from persona_tasks.train.loss import best_block, best_vs_rest_dpo_loss, groupwise_dpo_loss
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class GroupDPOTrainer(DPOTrainer):
             m["rewards/margins"].append(float(res.margin))
             m["rewards/accuracies"].append(float(res.ranking_accuracy))
         gmask, ranks = inputs["group_mask"], inputs["ranks"]
-        best = gmask & (ranks == torch.where(gmask, ranks, ranks.max() + 1).min(dim=-1, keepdim=True).values)
+        best = best_block(ranks, gmask)
         if best.any():
             m["rewards/chosen"].append(float(res.rewards[best].mean()))
         if (gmask & ~best).any():
