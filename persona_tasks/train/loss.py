@@ -37,11 +37,12 @@ import torch
 class GroupLoss:
     """The loss and what gets logged with it (all detached except ``loss``)."""
 
-    loss: torch.Tensor          # mean over groups with at least one strict preference
+    loss: torch.Tensor          # mean over groups with at least one strict preference (best-vs-rest: over pairs)
     rewards: torch.Tensor       # (B, K) implicit rewards, detached
     margin: torch.Tensor        # mean over groups of (reward of the best block's mean) - (mean of the others)
-    ranking_accuracy: torch.Tensor  # share of strictly ordered pairs whose rewards are ordered the same way
-    n_pairs: int                # strictly ordered pairs in the batch
+    #                             (best-vs-rest: mean reward difference over its pairs, trl's rewards/margins)
+    ranking_accuracy: torch.Tensor  # share of the loss's pairs whose rewards are ordered as the ranks
+    n_pairs: int                # pairs in the batch (groupwise: every strictly ordered pair; best-vs-rest: its pairs)
 
 
 def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
