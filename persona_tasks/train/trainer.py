@@ -11,8 +11,8 @@ metric logging (``rewards/margins``, ``rewards/accuracies`` = ranking accuracy o
 Arms (``train_arm``): ``groupwise``; ``pairwise`` (trl ``DPOTrainer``, sigmoid loss, the best candidate against each
 strictly worse one); ``pairwise_shared`` (``BestVsRestDPOTrainer``: trl's sigmoid loss on the same pairs, each
 prompt run once as in ``groupwise``: the pairwise loss at the groupwise arm's cost); ``sft`` (trl ``SFTTrainer``,
-completion-only loss on each group's best valid candidate); ``base`` (no training). Device: CUDA with bf16 when present (``[training] device``), else CPU fp32 with the thread
-count of ``[training] threads``.
+completion-only loss on each group's best valid candidate); ``base`` (no training). Device: CUDA with bf16 when
+present (``[training] device``), else CPU fp32 with the thread count of ``[training] threads``.
 """
 
 from __future__ import annotations
